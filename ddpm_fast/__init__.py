@@ -1,0 +1,8 @@
+"""ddpm-fast: Denoising Diffusion Probabilistic Models with fused Triton kernels."""
+
+from ddpm_fast.diffusion import DDPM
+from ddpm_fast.schedule import extract, make_betas, schedule_buffers
+from ddpm_fast.unet import PRESETS, UNet, UNetConfig
+
+__all__ = ["DDPM", "PRESETS", "UNet", "UNetConfig", "extract", "make_betas", "schedule_buffers"]
+__version__ = "0.1.0"

@@ -1,0 +1,137 @@
+"""Argument checks shared by the eager ops, the fused ops and the models.
+
+Each raises TypeError (wrong kind of thing) or ValueError (wrong value) with the
+argument's name first, so a user sees at once which input is at fault.
+"""
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, x, ndim: int | None = None, min_ndim: int | None = None) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.ndim < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+
+
+def check_like(name: str, x, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    """x is a float tensor with ref's shape and device (and dtype unless dtype=False)."""
+    check_float(name, x)
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name} is on {x.device} but {ref_name} is on {ref.device}")
+    if dtype and x.dtype != ref.dtype:
+        raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
+
+
+def check_timesteps(name: str, t, batch: int, num_timesteps: int, device: torch.device, low: int = 0) -> None:
+    """t is an integer tensor of shape (batch,) on `device` with values in [low, num_timesteps)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of timesteps, got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device} but the images are on {device}")
+    if batch and (int(t.min()) < low or int(t.max()) >= num_timesteps):
+        raise ValueError(
+            f"{name} must lie in [{low}, {num_timesteps}), got values from {int(t.min())} to {int(t.max())}"
+        )
+
+
+def check_schedule(name: str, buf, device: torch.device) -> None:
+    if not isinstance(buf, torch.Tensor) or buf.ndim != 1:
+        raise TypeError(f"{name} must be a 1-D schedule tensor")
+    if buf.device != device:
+        raise ValueError(f"{name} is on {buf.device} but the images are on {device}")
+
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
+
+
+def check_prediction_type(prediction_type) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
+
+
+def check_q_sample(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod) -> None:
+    check_float("x0", x0, min_ndim=1)
+    check_like("noise", noise, "x0", x0, dtype=False)
+    check_schedule("sqrt_alphas_cumprod", sqrt_alphas_cumprod, x0.device)
+    check_schedule("sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod, x0.device)
+    check_timesteps("t", t, x0.shape[0], sqrt_alphas_cumprod.shape[0], x0.device)
+
+
+def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers) -> None:
+    check_float("x_t", x_t, min_ndim=1)
+    check_like("model_output", model_output, "x_t", x_t, dtype=False)
+    if noise is not None:
+        check_like("noise", noise, "x_t", x_t, dtype=False)
+    check_prediction_type(prediction_type)
+    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+             "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
+    for name, buf in zip(names, buffers):
+        check_schedule(name, buf, x_t.device)
+        if buf.shape != buffers[0].shape:
+            raise ValueError(f"{name} has {buf.shape[0]} timesteps but {names[0]} has {buffers[0].shape[0]}")
+    check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
+
+
+def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type) -> None:
+    check_float("x_t", x_t, min_ndim=1)
+    check_like("model_output", model_output, "x_t", x_t, dtype=False)
+    if noise is not None:
+        check_like("noise", noise, "x_t", x_t, dtype=False)
+    check_prediction_type(prediction_type)
+    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+    check_schedule("alphas_cumprod", alphas_cumprod, x_t.device)
+    num_timesteps = alphas_cumprod.shape[0]
+    check_timesteps("t", t, x_t.shape[0], num_timesteps, x_t.device)
+    check_timesteps("t_prev", t_prev, x_t.shape[0], num_timesteps, x_t.device, low=-1)
+    if bool((t_prev >= t).any()):
+        raise ValueError("t_prev must be smaller than t for every sample")
+
+
+def check_group_norm(x, num_groups, weight, bias, add) -> None:
+    check_float("x", x, min_ndim=3)
+    channels = x.shape[1]
+    if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups must be a positive int dividing the {channels} channels of x, got {num_groups!r}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            continue
+        check_float(name, p, ndim=1)
+        if p.shape[0] != channels:
+            raise ValueError(f"{name} must have {channels} elements (the channels of x), got {p.shape[0]}")
+        if p.device != x.device:
+            raise ValueError(f"{name} is on {p.device} but x is on {x.device}")
+    if add is not None:
+        check_float("add", add, ndim=2)
+        if tuple(add.shape) != tuple(x.shape[:2]):
+            raise ValueError(f"add must have shape {tuple(x.shape[:2])} (batch, channels), got {tuple(add.shape)}")
+        if add.device != x.device:
+            raise ValueError(f"add is on {add.device} but x is on {x.device}")
+
+
+def check_attention(q, k, v) -> None:
+    check_float("q", q, ndim=4)
+    check_float("k", k, ndim=4)
+    check_float("v", v, ndim=4)
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v must have shape {tuple(q.shape[:3])} + (d,), got {tuple(v.shape)}")
+    for name, x in (("k", k), ("v", v)):
+        if x.device != q.device:
+            raise ValueError(f"{name} is on {x.device} but q is on {q.device}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but q has {q.dtype}")

@@ -1,0 +1,25 @@
+from setuptools import setup
+
+setup(
+    name="ddpm-fast",
+    version="0.1.0",
+    description="Denoising Diffusion Probabilistic Models with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # The kernels live in the top-level folder kernels/ but are imported as
+    # ddpm_fast.kernels: a bare `kernels` import name belongs to another package.
+    packages=["ddpm_fast", "ddpm_fast.kernels"],
+    package_dir={"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "triton>=3.0; platform_system == 'Linux'",
+        "numpy>=1.24",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "scikit-learn>=1.3"],
+    },
+    entry_points={"console_scripts": ["ddpm-fast = ddpm_fast.cli:main"]},
+)
