@@ -1,1 +1,22 @@
-"""ddpm_fast.kernels: the fused Triton ops (imported as ddpm_fast.kernels, never `kernels`)."""
+"""ddpm_fast.kernels: the fused Triton ops, each with the signature of its eager twin in
+ddpm_fast.reference. Imported as ddpm_fast.kernels, never as a bare `kernels`.
+
+Which path an op takes is set by DDPM_FAST_KERNELS=auto|eager|triton or set_kernel_mode
+(see _common.py): by default the Triton kernel on CUDA tensors and under Triton's
+interpreter, the eager twin elsewhere.
+"""
+
+from ddpm_fast.kernels._common import KERNEL_MODES, get_kernel_mode, kernel_mode, set_kernel_mode, use_triton
+from ddpm_fast.kernels.posterior_step import ddim_step, posterior_step
+from ddpm_fast.kernels.q_sample import q_sample
+
+__all__ = [
+    "KERNEL_MODES",
+    "ddim_step",
+    "get_kernel_mode",
+    "kernel_mode",
+    "posterior_step",
+    "q_sample",
+    "set_kernel_mode",
+    "use_triton",
+]

@@ -1,0 +1,178 @@
+"""Compile every Triton kernel that real code launches for a real GPU, on a machine without
+one, and report registers, spills and shared memory per kernel.
+
+    python -m ddpm_fast.aot                 # every op, float32 and float16, sm_80 and sm_90
+    python -m ddpm_fast.aot --ops q_sample --cap 90 --json
+
+How: a stand-in CUDA driver reports an sm_XX target, and each launch becomes a
+compile-only warmup (nothing runs, no output is written); cuobjdump, shipped in the
+triton wheel, reads the cubin. It needs TRITON_INTERPRET unset and the ops on their Triton
+path for CPU tensors (DDPM_FAST_KERNELS=triton, which `main` sets), so it runs in a
+process of its own: the tests start it as a subprocess.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+# Largest shared memory one block may use, in bytes: A100 (sm_80) 163 KiB, H100 (sm_90) 227 KiB.
+MAX_SHARED = {80: 163 * 1024, 86: 99 * 1024, 89: 99 * 1024, 90: 227 * 1024}
+
+
+def _resource_usage(cubin: bytes) -> dict:
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", out)
+    return dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()))) if m else {"raw": out}
+
+
+@contextlib.contextmanager
+def capture(cap: int = 90):
+    """Within the block, every Triton launch compiles for sm_<cap> instead of running; yields
+    the list of compiled kernels (dicts: name, regs, stack, local, shared_meta, ...)."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
+    saved = driver._active
+    fake = object.__new__(CudaDriver)  # no __init__: it would look for a GPU
+    fake.get_current_target = lambda: GPUTarget("cuda", cap, 32)
+    fake.get_current_device = lambda: 0
+    fake.get_current_stream = lambda device=None: 0
+    fake.get_device_capability = lambda device=None: (cap // 10, cap % 10)
+    fake.get_active_torch_device = lambda: torch.device("cpu")
+    driver.set_active(fake)
+    seen: list[dict] = []
+    real_run = JITFunction.run
+
+    def compile_only(self, *args, grid, warmup, **kwargs):
+        kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
+        if kernel is not None:
+            info = _resource_usage(kernel.asm["cubin"])
+            info.update(
+                name=kernel.name,
+                cap=cap,
+                num_warps=kernel.metadata.num_warps,
+                num_stages=kernel.metadata.num_stages,
+                shared_meta=kernel.metadata.shared,
+            )
+            if info not in seen:
+                seen.append(info)
+        return kernel
+
+    JITFunction.run = compile_only
+    try:
+        yield seen
+    finally:
+        JITFunction.run = real_run
+        driver._active = saved
+
+
+def problems(kernels: list[dict]) -> list[str]:
+    """What would fail or run slowly on the GPU: register spills, too much shared memory."""
+    out = []
+    for k in kernels:
+        if "raw" in k:
+            out.append(f"{k['name']}: cuobjdump gave no resource line")
+            continue
+        if k["stack"] or k["local"]:
+            out.append(f"{k['name']} sm_{k['cap']}: spills (stack {k['stack']} B, local {k['local']} B)")
+        limit = MAX_SHARED.get(k["cap"])
+        if limit and k["shared_meta"] > limit:
+            out.append(f"{k['name']} sm_{k['cap']}: {k['shared_meta']} B shared memory > {limit} B available")
+    return out
+
+
+# -- what to compile: each op at the configurations the library launches ------------------
+
+
+def _launch_q_sample(dtype):
+    import torch
+
+    from ddpm_fast import kernels
+    from ddpm_fast.schedule import make_betas, schedule_buffers
+
+    b = schedule_buffers(make_betas("linear", 1000))
+    x = torch.randn(4, 3, 32, 32).to(dtype)
+    t = torch.randint(0, 1000, (4,))
+    x0 = x.clone().requires_grad_()
+    out = kernels.q_sample(x0, t, x, b["sqrt_alphas_cumprod"], b["sqrt_one_minus_alphas_cumprod"])
+    out.backward(torch.ones_like(out))
+
+
+def _launch_posterior_step(dtype):
+    import torch
+
+    from ddpm_fast import kernels
+    from ddpm_fast.schedule import make_betas, schedule_buffers
+
+    b = schedule_buffers(make_betas("linear", 1000))
+    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+             "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
+    x = torch.randn(4, 3, 32, 32).to(dtype)
+    t = torch.randint(1, 1000, (4,))
+    for prediction_type in ("epsilon", "sample", "v_prediction"):
+        for noise in (x, None):
+            kernels.posterior_step(x, x, t, noise, *(b[n] for n in names), prediction_type=prediction_type)
+            kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type)
+        kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
+
+
+LAUNCHERS = {"q_sample": _launch_q_sample, "posterior_step": _launch_posterior_step}
+
+
+def compile_report(ops=tuple(LAUNCHERS), caps=(80, 90), dtypes=("float32", "float16")) -> list[dict]:
+    import torch
+
+    os.environ["DDPM_FAST_KERNELS"] = "triton"
+    rows = []
+    for cap in caps:
+        for dtype in dtypes:
+            for op in ops:
+                with capture(cap) as kernels:
+                    LAUNCHERS[op](getattr(torch, dtype))
+                rows += [dict(k, op=op, dtype=dtype) for k in kernels]
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ddpm_fast.aot", description=__doc__.split("\n")[0])
+    parser.add_argument("--ops", default=",".join(LAUNCHERS), help=f"comma-separated, from {list(LAUNCHERS)}")
+    parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
+    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args(argv)
+    ops = [o for o in args.ops.split(",") if o]
+    unknown = [o for o in ops if o not in LAUNCHERS]
+    if unknown:
+        parser.error(f"unknown op(s) {unknown}; choose from {list(LAUNCHERS)}")
+    rows = compile_report(ops, args.cap, args.dtypes.split(","))
+    found = problems(rows)
+    if args.json:
+        print(json.dumps({"kernels": rows, "problems": found}))
+    else:
+        print(f"{'op':<16}{'dtype':<9}{'kernel':<44}{'sm':>4}{'warps':>6}{'regs':>6}{'spill B':>9}{'smem B':>9}")
+        for r in rows:
+            spill = r.get("stack", 0) + r.get("local", 0)
+            print(f"{r['op']:<16}{r['dtype']:<9}{r['name']:<44}{r['cap']:>4}{r['num_warps']:>6}"
+                  f"{r.get('regs', '?'):>6}{spill:>9}{r['shared_meta']:>9}")  # fmt: skip
+        print("problems:", "; ".join(found) if found else "none")
+    return 1 if found else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

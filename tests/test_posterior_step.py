@@ -1,0 +1,183 @@
+"""kernels.posterior_step and kernels.ddim_step against their eager twins, under Triton's interpreter."""
+
+import importlib
+
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, TOL, check_layout, make
+
+from ddpm_fast import DDPM, kernels, reference
+from ddpm_fast.schedule import make_betas, schedule_buffers
+
+T = 1000
+PREDICTIONS = ["epsilon", "sample", "v_prediction"]
+VARIANCES = ["fixed_small", "fixed_large"]
+STEP_BUFFERS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
+                "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+
+
+def buffers(variance_type="fixed_small", schedule="linear"):
+    b = schedule_buffers(make_betas(schedule, T), variance_type)
+    return [b[n] for n in STEP_BUFFERS], b["alphas_cumprod"]
+
+
+def both(fn_name, *args, **kwargs):
+    return getattr(kernels, fn_name)(*args, **kwargs), getattr(reference, fn_name)(*args, **kwargs)
+
+
+@pytest.mark.parametrize("variance_type", VARIANCES)
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("clip", [True, False])
+def test_ddpm_step_matches_eager(dtype, prediction_type, variance_type, clip):
+    bufs, _ = buffers(variance_type)
+    shape = (7, 3, 5, 5)
+    x_t, out, z = make(shape, dtype, scale=2.0), make(shape, dtype), make(shape, dtype)
+    t = torch.tensor([0, 1, 2, 500, 998, 999, 0])
+    fused, eager = both("posterior_step", x_t, out, t, z, *bufs, prediction_type, clip)
+    assert fused.dtype == dtype and fused.shape == shape
+    torch.testing.assert_close(fused, eager, **TOL[dtype])
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 5, 5), (3, 1, 5, 5), (3, 3, 5, 5), (7, 3, 8, 8), (2, 3, 32, 32), (3, 11)])
+def test_odd_shapes(shape):
+    bufs, _ = buffers()
+    x_t, out, z = make(shape, torch.float32), make(shape, torch.float32), make(shape, torch.float32)
+    t = torch.randint(0, T, (shape[0],))
+    torch.testing.assert_close(*both("posterior_step", x_t, out, t, z, *bufs), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_inputs(layout):
+    bufs, ac = buffers()
+    shape = (3, 3, 5, 5)
+    x_t, out, z = (make(shape, torch.float32, layout) for _ in range(3))
+    check_layout(x_t, layout)
+    t, t_prev = torch.tensor([0, 17, 999]), torch.tensor([-1, 3, 899])
+    torch.testing.assert_close(*both("posterior_step", x_t, out, t, z, *bufs), **TOL[torch.float32])
+    torch.testing.assert_close(*both("ddim_step", x_t, out, t, t_prev, z, ac, 0.5), **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ddim_step_matches_eager(dtype, prediction_type, eta):
+    _, ac = buffers("fixed_small", "cosine")
+    shape = (3, 3, 5, 5)
+    x_t, out, z = make(shape, dtype, scale=2.0), make(shape, dtype), make(shape, dtype)
+    t, t_prev = torch.tensor([999, 20, 1]), torch.tensor([949, -1, 0])
+    fused, eager = both("ddim_step", x_t, out, t, t_prev, z, ac, eta, prediction_type)
+    torch.testing.assert_close(fused, eager, **TOL[dtype])
+
+
+def in_kernel_noise(n, shape=(3, 64, 64), t=500, generator=None, op="posterior_step"):
+    """z drawn in the kernel, read back: x_t = 0 and output 0 make x_0 = 0, so x_{t-1} = sigma_t z."""
+    bufs, ac = buffers()
+    x = torch.zeros(n, *shape)
+    tt = torch.full((n,), t)
+    if op == "posterior_step":
+        y = kernels.posterior_step(x, x, tt, None, *bufs, clip_denoised=False, generator=generator)
+        return y / torch.exp(0.5 * bufs[-1][t])
+    y = kernels.ddim_step(x, x, tt, tt - 1, None, ac, 1.0, generator=generator)
+    a, ap = ac[t].double(), ac[t - 1].double()
+    return y / ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt().float()
+
+
+@pytest.mark.parametrize("op", ["posterior_step", "ddim_step"])
+def test_in_kernel_noise_is_standard_normal_and_seeded(op):
+    z = in_kernel_noise(4, generator=torch.Generator().manual_seed(7), op=op)
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01  # 49,152 draws
+    # The same seed gives the same noise; another seed, other noise.
+    assert torch.equal(z, in_kernel_noise(4, generator=torch.Generator().manual_seed(7), op=op))
+    assert not torch.allclose(z, in_kernel_noise(4, generator=torch.Generator().manual_seed(8), op=op))
+    # Samples in one call are independent of each other (correlation about 0, not 1).
+    flat = z.reshape(4, -1)
+    corr = torch.corrcoef(flat)
+    assert (corr - torch.eye(4)).abs().max() < 0.05
+
+
+def test_each_step_draws_fresh_noise_and_only_where_t_is_positive():
+    g = torch.Generator().manual_seed(0)
+    a, b = in_kernel_noise(2, generator=g), in_kernel_noise(2, generator=g)
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs() < 0.05
+    bufs, _ = buffers()
+    x = torch.randn(2, 3, 5, 5)
+    t0 = torch.zeros(2, dtype=torch.long)
+    y = kernels.posterior_step(x, x, t0, None, *bufs)
+    torch.testing.assert_close(y, reference.posterior_step(x, x, t0, torch.zeros_like(x), *bufs))
+
+
+def test_where_a_gradient_is_required_the_gradient_is_correct():
+    bufs, _ = buffers()
+    x, z, t = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4), torch.tensor([5, 600])
+    grads = []
+    for op in (kernels.posterior_step, reference.posterior_step):
+        out = torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        op(x, out, t, z, *bufs, clip_denoised=False).square().sum().backward()
+        grads.append(out.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bad_inputs_name_the_argument():
+    bufs, ac = buffers()
+    x = torch.randn(2, 3, 4, 4)
+    t = torch.tensor([0, 1])
+    with pytest.raises(ValueError, match="^t must lie in"):
+        kernels.posterior_step(x, x, torch.tensor([0, T]), None, *bufs)
+    with pytest.raises(ValueError, match="^t must have shape \\(2,\\)"):
+        kernels.posterior_step(x, x, torch.tensor([1, 2, 3]), None, *bufs)
+    with pytest.raises(ValueError, match="^model_output must have the shape of x_t"):
+        kernels.posterior_step(x, x[:, :1], t, None, *bufs)
+    with pytest.raises(ValueError, match="^noise must have the shape of x_t"):
+        kernels.posterior_step(x, x, t, x[:1], *bufs)
+    with pytest.raises(ValueError, match="^prediction_type"):
+        kernels.posterior_step(x, x, t, None, *bufs, prediction_type="score")
+    with pytest.raises(ValueError, match="^posterior_mean_coef1 has 10 timesteps"):
+        kernels.posterior_step(x, x, t, None, bufs[0], bufs[1], bufs[2][:10], *bufs[3:])
+    with pytest.raises(ValueError, match="^t_prev must lie in \\[-1, 1000\\)"):
+        kernels.ddim_step(x, x, t + 5, torch.tensor([-2, 0]), None, ac)
+    with pytest.raises(ValueError, match="^eta"):
+        kernels.ddim_step(x, x, t + 5, t, None, ac, eta=-0.1)
+
+
+class ConvModel(torch.nn.Module):
+    """A model without the U-Net's own switch: only the diffusion ops change path."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 3, 3, padding=1)
+
+    def forward(self, x, t):
+        return self.conv(x) * (1 + t.float()[:, None, None, None] / T)
+
+
+def test_ddpm_uses_the_kernels_through_its_switch(monkeypatch):
+    """The same DDPM, eager and fused: the same loss, gradients and reverse step, and the
+    fused one really launches the kernels."""
+    ddpm = DDPM(ConvModel(), image_size=8, channels=3, timesteps=T, prediction_type="v_prediction")
+    x0, noise, t = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0, 400, 999])
+    launched = []
+    for name in ("q_sample_fwd", "q_sample_bwd"):
+        mod = importlib.import_module("ddpm_fast.kernels.q_sample")
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: launched.append(_name) or _real(*a))
+    step_mod = importlib.import_module("ddpm_fast.kernels.posterior_step")
+    real_step = step_mod.posterior_step_fwd
+    monkeypatch.setattr(step_mod, "posterior_step_fwd", lambda *a: launched.append("step") or real_step(*a))
+    results = []
+    for fused in (True, False):
+        ddpm.set_fused(fused)
+        ddpm.zero_grad()
+        noisy = x0.clone().requires_grad_()  # a gradient to x0 exercises q_sample's backward
+        loss = ddpm.loss(noisy, t=t, noise=noise)
+        loss.backward()
+        step = ddpm.p_sample(x0, t, noise=noise)
+        results.append((loss.detach(), ddpm.model.conv.weight.grad.clone(), noisy.grad, step))
+    assert launched == ["q_sample_fwd", "q_sample_bwd", "step"]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,109 @@
+"""kernels.q_sample against reference.q_sample, under Triton's interpreter."""
+
+import importlib
+
+import pytest
+import torch
+from helpers import DTYPES, LAYOUTS, TOL, check_layout, make
+
+from ddpm_fast import kernels, reference
+from ddpm_fast.schedule import make_betas, schedule_buffers
+
+q_sample_module = importlib.import_module("ddpm_fast.kernels.q_sample")  # the attribute is the function
+T = 1000
+SHAPES = [(1, 1, 5, 5), (3, 3, 5, 5), (7, 1, 4, 6), (2, 3, 32, 32), (5, 17)]
+
+
+@pytest.fixture(scope="module")
+def coefs():
+    b = schedule_buffers(make_betas("linear", T))
+    return b["sqrt_alphas_cumprod"], b["sqrt_one_minus_alphas_cumprod"]
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+
+
+def run_both(x0, t, noise, coefs, grad=None):
+    """Forward and backward through kernel and twin; returns ((out, dx0, dnoise) fused, eager)."""
+    results = []
+    for op in (kernels.q_sample, reference.q_sample):
+        a = x0.detach().clone().requires_grad_() if grad is not None else x0
+        n = noise.detach().clone().requires_grad_() if grad is not None else noise
+        out = op(a, t, n, *coefs)
+        if grad is None:
+            results.append((out, None, None))
+            continue
+        (out.sum() if grad == "sum" else out).backward(None if grad == "sum" else grad)
+        results.append((out, a.grad, n.grad))
+    return results
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_forward_and_backward_match_eager(coefs, dtype, shape):
+    x0, noise = make(shape, dtype), make(shape, dtype)
+    t = torch.randint(0, T, (shape[0],))
+    g = make(shape, dtype)
+    (out, dx, dn), (ref, rdx, rdn) = run_both(x0, t, noise, coefs, grad=g)
+    assert out.dtype == dtype and out.shape == shape
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    torch.testing.assert_close(dx, rdx, **TOL[dtype])
+    torch.testing.assert_close(dn, rdn, **TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_non_contiguous_inputs_and_gradients(coefs, layout):
+    shape = (3, 3, 5, 5)
+    x0, noise = make(shape, torch.float32, layout), make(shape, torch.float32, layout)
+    check_layout(x0, layout)
+    t = torch.tensor([0, 511, 999])
+    (out, dx, dn), (ref, rdx, rdn) = run_both(x0, t, noise, coefs, grad=make(shape, torch.float32, layout))
+    torch.testing.assert_close(out, ref, **TOL[torch.float32])
+    torch.testing.assert_close(dx, rdx, **TOL[torch.float32])
+    torch.testing.assert_close(dn, rdn, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gradient_of_sum_is_read_through_zero_strides(coefs, dtype):
+    """loss = out.sum() hands backward an expanded tensor of ones (all strides 0)."""
+    shape = (3, 1, 5, 5)
+    x0, noise = make(shape, dtype), make(shape, dtype)
+    t = torch.tensor([3, 0, 998])
+    (_, dx, dn), (_, rdx, rdn) = run_both(x0, t, noise, coefs, grad="sum")
+    torch.testing.assert_close(dx, rdx, **TOL[dtype])
+    torch.testing.assert_close(dn, rdn, **TOL[dtype])
+    # Each sample's gradient is its own coefficient, not another sample's.
+    torch.testing.assert_close(dx[:, 0, 0, 0].float(), coefs[0][t].to(dtype).float(), **TOL[dtype])
+
+
+def test_mixed_dtypes_and_int32_timesteps(coefs):
+    x0, noise = make((3, 2, 4, 4), torch.float16), make((3, 2, 4, 4), torch.float32)
+    t = torch.tensor([1, 2, 3], dtype=torch.int32)
+    (out, _, _), (ref, _, _) = run_both(x0, t, noise, coefs)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, ref, **TOL[torch.float16])
+
+
+def test_launches_the_kernel_and_checks_its_arguments(coefs, monkeypatch):
+    calls = []
+    real = q_sample_module.q_sample_fwd
+    monkeypatch.setattr(q_sample_module, "q_sample_fwd", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(2, 3, 4, 4)
+    kernels.q_sample(x, torch.tensor([0, 1]), x, *coefs)
+    assert calls == [1]
+    with pytest.raises(ValueError, match="^t must lie in"):
+        kernels.q_sample(x, torch.tensor([0, T]), x, *coefs)
+    with pytest.raises(ValueError, match="^t must have shape \\(2,\\)"):
+        kernels.q_sample(x, torch.tensor([0]), x, *coefs)
+    with pytest.raises(ValueError, match="^noise must have the shape of x0"):
+        kernels.q_sample(x, torch.tensor([0, 1]), x[:, :1], *coefs)
+    with pytest.raises(TypeError, match="^x0 must be float32, float16 or bfloat16"):
+        kernels.q_sample(x.double(), torch.tensor([0, 1]), x, *coefs)
+    assert calls == [1]
+
+
+def test_empty_batch(coefs):
+    x = torch.randn(0, 3, 4, 4)
+    assert kernels.q_sample(x, torch.zeros(0, dtype=torch.long), x, *coefs).shape == x.shape
