@@ -2,7 +2,7 @@
 
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
-from ddpm_fast.unet import PRESETS, UNet, UNetConfig
+from ddpm_fast.unet import PRESETS, GroupNormSiLU, UNet, UNetConfig
 
-__all__ = ["DDPM", "PRESETS", "UNet", "UNetConfig", "extract", "make_betas", "schedule_buffers"]
+__all__ = ["DDPM", "GroupNormSiLU", "PRESETS", "UNet", "UNetConfig", "extract", "make_betas", "schedule_buffers"]
 __version__ = "0.1.0"

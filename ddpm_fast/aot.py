@@ -132,7 +132,33 @@ def _launch_posterior_step(dtype):
         kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
 
 
-LAUNCHERS = {"q_sample": _launch_q_sample, "posterior_step": _launch_posterior_step}
+# (channels, height/width) of every GroupNorm in the paper's CIFAR-10 U-Net (32 groups).
+UNET_GROUP_NORMS = [(128, 32), (128, 16), (256, 32), (256, 16), (256, 8), (256, 4), (384, 32), (384, 16),
+                    (512, 16), (512, 8), (512, 4)]  # fmt: skip
+
+
+def _launch_group_norm_silu(dtype):
+    """Forward and backward at training batch 128 (one kernel per group) and sampling batch 1
+    (split groups), with and without the time-embedding add. Nothing runs, so empty tensors."""
+    import torch
+
+    from ddpm_fast import kernels
+
+    for channels, size in UNET_GROUP_NORMS:
+        for batch in (128, 1):
+            x = torch.empty(batch, channels, size, size, dtype=dtype).requires_grad_()
+            w = torch.empty(channels, requires_grad=True)
+            add = torch.empty(batch, channels, dtype=dtype, requires_grad=True)
+            for a in (add, None):
+                y = kernels.group_norm_silu(x, 32, w, w, 1e-5, add=a)
+                y.backward(torch.empty_like(y))
+
+
+LAUNCHERS = {
+    "q_sample": _launch_q_sample,
+    "posterior_step": _launch_posterior_step,
+    "group_norm_silu": _launch_group_norm_silu,
+}
 
 
 def compile_report(ops=tuple(LAUNCHERS), caps=(80, 90), dtypes=("float32", "float16")) -> list[dict]:

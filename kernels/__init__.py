@@ -7,6 +7,7 @@ interpreter, the eager twin elsewhere.
 """
 
 from ddpm_fast.kernels._common import KERNEL_MODES, get_kernel_mode, kernel_mode, set_kernel_mode, use_triton
+from ddpm_fast.kernels.group_norm_silu import group_norm_silu
 from ddpm_fast.kernels.posterior_step import ddim_step, posterior_step
 from ddpm_fast.kernels.q_sample import q_sample
 
@@ -14,6 +15,7 @@ __all__ = [
     "KERNEL_MODES",
     "ddim_step",
     "get_kernel_mode",
+    "group_norm_silu",
     "kernel_mode",
     "posterior_step",
     "q_sample",

@@ -23,6 +23,10 @@ def compile_report(ops: str) -> dict:
     [
         ("q_sample", {"_q_sample_fwd_kernel", "_q_sample_bwd_kernel"}),
         ("posterior_step", {"_posterior_step_kernel", "_ddim_step_kernel"}),
+        (
+            "group_norm_silu",
+            {"_gn_silu_fwd_fused_kernel", "_gn_stats_kernel", "_gn_silu_apply_kernel", "_gn_silu_bwd_kernel"},
+        ),
     ],
 )
 def test_kernels_compile_for_sm80_and_sm90_without_spills(ops, names):

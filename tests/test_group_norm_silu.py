@@ -1,0 +1,187 @@
+"""kernels.group_norm_silu against F.group_norm + F.silu computed in float64, under Triton's interpreter."""
+
+import importlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DTYPES, TOL
+
+from ddpm_fast import GroupNormSiLU, kernels
+
+gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+
+# (B, C, H, W, groups): the U-Net's shapes scaled down, and odd ones.
+SHAPES = [
+    (2, 64, 8, 8, 32),
+    (2, 128, 16, 16, 32),
+    (1, 6, 5, 7, 3),
+    (3, 6, 5, 7, 3),
+    (1, 32, 4, 4, 32),
+    (7, 12, 3, 3, 4),
+]
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+
+
+def inputs(shape, dtype, with_add=True, loc=0.0, scale=1.0, memory_format=torch.contiguous_format):
+    B, C, H, W, G = shape
+    x = (torch.randn(B, C, H, W, dtype=torch.float64) * scale + loc).to(dtype).contiguous(memory_format=memory_format)
+    w = (1 + 0.5 * torch.randn(C)).to(dtype)
+    b = (0.5 * torch.randn(C)).to(dtype)
+    a = torch.randn(B, C).to(dtype) if with_add else None
+    return G, x, w, b, a
+
+
+def run(op, G, x, w, b, a, grad, double=False):
+    """Output and gradients (x, weight, bias, add) of op; double=True runs it on float64 copies."""
+    leaves = [t if t is None else t.detach().to(torch.float64 if double else t.dtype).requires_grad_()
+              for t in (x, w, b, a)]  # fmt: skip
+    if double:
+        leaves[0] = leaves[0].detach().contiguous().requires_grad_()
+    out = op(leaves[0], G, leaves[1], leaves[2], 1e-5, leaves[3])
+    if grad == "sum":
+        out.sum().backward()
+    else:
+        out.backward(grad.to(out.dtype))
+    return [out.detach()] + [None if t is None else t.grad for t in leaves]
+
+
+def eager64(x, G, w, b, eps, a):
+    if a is not None:
+        x = x + a[:, :, None, None]
+    return F.silu(F.group_norm(x, G, w, b, eps))
+
+
+def assert_matches(fused, ref, dtype):
+    tol = TOL[dtype]
+    for name, f, r in zip(("y", "dx", "dweight", "dbias", "dadd"), fused, ref):
+        if r is None:
+            assert f is None, name
+            continue
+        # Sums over many values (dweight, dbias, dadd) carry a little more rounding.
+        t = tol if name in ("y", "dx") else {k: 4 * v for k, v in tol.items()}
+        torch.testing.assert_close(f.double(), r, **t, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@pytest.mark.parametrize("with_add", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_forward_and_backward_match_float64(shape, dtype, with_add):
+    G, x, w, b, a = inputs(shape, dtype, with_add)
+    grad = torch.randn(x.shape)
+    fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    assert fused[0].dtype == dtype and fused[0].shape == x.shape
+    assert_matches(fused, run(eager64, G, x, w, b, a, grad, double=True), dtype)
+
+
+@pytest.mark.parametrize("split", [0, 1, 3, 8])
+def test_every_forward_path(split, monkeypatch):
+    """One kernel (split 0), and statistics over 1, 3 or 8 chunks of each group then the apply."""
+    G, x, w, b, a = inputs((2, 16, 12, 10, 4), torch.float32)
+    real = gn_module.group_norm_silu_fwd
+    monkeypatch.setattr(gn_module, "group_norm_silu_fwd", lambda *args: real(*args, split=split))
+    grad = torch.randn(x.shape)
+    assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
+                   torch.float32)  # fmt: skip
+
+
+def test_small_batches_split_groups_across_programs():
+    """Batch-1 sampling: 32 groups would leave most of a GPU idle, so large groups are split."""
+    assert gn_module.forward_plan(1, 32, 4, 32 * 32, torch.device("cpu"))[0] > 1
+    assert gn_module.forward_plan(128, 32, 4, 32 * 32, torch.device("cpu"))[0] == 0
+    assert gn_module.forward_plan(1, 32, 8, 4 * 4, torch.device("cpu"))[0] == 0  # tiny groups: one kernel
+
+
+def test_backward_over_groups_larger_than_a_tile(monkeypatch):
+    monkeypatch.setattr(gn_module, "MAX_TILE_BWD", 64)  # forces the two-pass tile loop
+    G, x, w, b, a = inputs((2, 8, 9, 11, 2), torch.float32)
+    grad = torch.randn(x.shape)
+    assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
+                   torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("split", [0, 2])
+def test_large_mean_small_spread_stays_accurate(split, monkeypatch):
+    """mean 1e3, std 1e-2: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
+    real = gn_module.group_norm_silu_fwd
+    monkeypatch.setattr(gn_module, "group_norm_silu_fwd", lambda *args: real(*args, split=split))
+    G, x, w, b, a = inputs((2, 64, 8, 8, 32), torch.float32, with_add=False, loc=1e3, scale=1e-2)
+    grad = torch.randn(x.shape)
+    fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    ref = run(eager64, G, x, w, b, a, grad, double=True)
+    # Statistics of x - pivot keep float32's usual accuracy here (torch's own float32
+    # GroupNorm is off by about 2e-3 relative on these inputs).
+    assert_matches(fused, ref, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_channels_last(dtype):
+    G, x, w, b, a = inputs((2, 64, 8, 8, 32), dtype, memory_format=torch.channels_last)
+    assert not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(x.shape)
+    fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+    assert_matches(fused, run(eager64, G, x, w, b, a, grad, double=True), dtype)
+
+
+@pytest.mark.parametrize("grad_kind", ["sum", "strided", "channels_last"])
+def test_non_contiguous_upstream_gradients(grad_kind):
+    G, x, w, b, a = inputs((3, 6, 5, 7, 3), torch.float32)
+    if grad_kind == "strided":
+        grad = torch.randn(3, 6, 5, 14)[..., ::2]
+    elif grad_kind == "channels_last":
+        grad = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    else:
+        grad = "sum"
+    assert grad == "sum" or not grad.is_contiguous()
+    assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
+                   torch.float32)  # fmt: skip
+
+
+def test_non_contiguous_input():
+    G, x, w, b, a = inputs((3, 6, 5, 14, 3), torch.float32)
+    x = x[..., ::2]
+    grad = torch.randn(x.shape)
+    assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
+                   torch.float32)  # fmt: skip
+
+
+def test_backward_is_deterministic():
+    G, x, w, b, a = inputs((3, 16, 6, 6, 4), torch.float32)
+    grad = torch.randn(x.shape)
+    first, second = run(kernels.group_norm_silu, G, x, w, b, a, grad), run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    for f, s in zip(first, second):
+        assert torch.equal(f, s)
+
+
+def test_module_is_a_drop_in_for_group_norm_then_silu():
+    gn = torch.nn.GroupNorm(8, 32)
+    with torch.no_grad():
+        gn.weight.normal_(), gn.bias.normal_()
+    fused = GroupNormSiLU(8, 32)
+    fused.load_state_dict(gn.state_dict())
+    fused.fused = True
+    x = torch.randn(2, 32, 5, 5)
+    torch.testing.assert_close(fused(x), F.silu(gn(x)), rtol=1e-5, atol=1e-5)
+    plain = GroupNormSiLU(8, 32, eps=1e-6, affine=False)
+    plain.fused = True
+    assert plain.weight is None and len(plain.state_dict()) == 0
+    torch.testing.assert_close(plain(x), F.silu(F.group_norm(x, 8, eps=1e-6)), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_name_the_argument():
+    x = torch.randn(2, 6, 4, 4)
+    with pytest.raises(ValueError, match="^num_groups must be a positive int dividing the 6 channels"):
+        kernels.group_norm_silu(x, 4)
+    with pytest.raises(ValueError, match="^x must have at least 3 dimensions"):
+        kernels.group_norm_silu(x[0, 0], 1)
+    with pytest.raises(ValueError, match="^weight must have 6 elements"):
+        kernels.group_norm_silu(x, 3, torch.ones(5), torch.zeros(6))
+    with pytest.raises(ValueError, match="^add must have shape \\(2, 6\\)"):
+        kernels.group_norm_silu(x, 3, add=torch.ones(2, 5))
+    with pytest.raises(ValueError, match="num_channels \\(6\\) must be divisible by num_groups \\(4\\)"):
+        GroupNormSiLU(4, 6)
