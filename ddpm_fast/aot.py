@@ -154,8 +154,22 @@ def _launch_group_norm_silu(dtype):
                 y.backward(torch.empty_like(y))
 
 
+def _launch_attention(dtype):
+    """Forward and backward at head dims 32 to 256; the paper's U-Net attends over 256 tokens
+    of 256 channels (16x16), one head."""
+    import torch
+
+    from ddpm_fast import kernels
+
+    for d in (32, 64, 128, 256):
+        q = torch.empty(2, 1, 256, d, dtype=dtype).requires_grad_()
+        out = kernels.attention(q, q, q)
+        out.backward(torch.empty_like(out))
+
+
 LAUNCHERS = {
     "q_sample": _launch_q_sample,
+    "attention": _launch_attention,
     "posterior_step": _launch_posterior_step,
     "group_norm_silu": _launch_group_norm_silu,
 }

@@ -6,16 +6,26 @@ Which path an op takes is set by DDPM_FAST_KERNELS=auto|eager|triton or set_kern
 interpreter, the eager twin elsewhere.
 """
 
-from ddpm_fast.kernels._common import KERNEL_MODES, get_kernel_mode, kernel_mode, set_kernel_mode, use_triton
+from ddpm_fast.kernels._common import (
+    KERNEL_MODES,
+    get_kernel_mode,
+    interpreter_on,
+    kernel_mode,
+    set_kernel_mode,
+    use_triton,
+)
+from ddpm_fast.kernels.attention import attention
 from ddpm_fast.kernels.group_norm_silu import group_norm_silu
 from ddpm_fast.kernels.posterior_step import ddim_step, posterior_step
 from ddpm_fast.kernels.q_sample import q_sample
 
 __all__ = [
     "KERNEL_MODES",
+    "attention",
     "ddim_step",
     "get_kernel_mode",
     "group_norm_silu",
+    "interpreter_on",
     "kernel_mode",
     "posterior_step",
     "q_sample",

@@ -24,6 +24,10 @@ def compile_report(ops: str) -> dict:
         ("q_sample", {"_q_sample_fwd_kernel", "_q_sample_bwd_kernel"}),
         ("posterior_step", {"_posterior_step_kernel", "_ddim_step_kernel"}),
         (
+            "attention",
+            {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
+        ),
+        (
             "group_norm_silu",
             {"_gn_silu_fwd_fused_kernel", "_gn_stats_kernel", "_gn_silu_apply_kernel", "_gn_silu_bwd_kernel"},
         ),

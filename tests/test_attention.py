@@ -1,0 +1,146 @@
+"""kernels.attention against attention computed in float64, under Triton's interpreter."""
+
+import pytest
+import torch
+from helpers import TOL
+
+from ddpm_fast import kernels, reference
+from ddpm_fast.unet import AttnBlock
+
+
+@pytest.fixture(autouse=True)
+def _triton_path(monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+
+
+def attention64(q, k, v, scale=None):
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+def qkv(B, H, L, d, dtype, layout="contiguous"):
+    if layout == "contiguous":
+        return [torch.randn(B, H, L, d).to(dtype) for _ in range(3)]
+    if layout == "transposed":  # what the U-Net passes: (B, 1, C, HW) viewed as (B, 1, HW, C)
+        return [torch.randn(B, H, d, L).to(dtype).transpose(-1, -2) for _ in range(3)]
+    if layout == "strided":  # every other token, head dim not innermost
+        return [torch.randn(B, 2 * L, H, d).to(dtype).transpose(1, 2)[:, :, ::2] for _ in range(3)]
+    raise ValueError(layout)
+
+
+def check(q, k, v, grad, dtype, scale=None):
+    """Output and dq, dk, dv of the kernel against float64 under the same upstream gradient."""
+    fused = [t.detach().requires_grad_() for t in (q, k, v)]
+    ref = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    out = kernels.attention(*fused, scale=scale)
+    expected = attention64(*ref, scale=scale)
+    assert out.dtype == dtype and out.shape == expected.shape
+    if isinstance(grad, str):  # "sum": the expanded gradient of out.sum()
+        out.sum().backward()
+        expected.sum().backward()
+    else:
+        out.backward(grad.to(dtype))
+        expected.backward(grad.double())
+    tol = TOL[dtype]
+    torch.testing.assert_close(out.double(), expected.detach(), **tol)
+    for name, f, r in zip("qkv", fused, ref):
+        torch.testing.assert_close(f.grad.double(), r.grad, **tol, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+@pytest.mark.parametrize("L", [16, 49, 64, 256])
+def test_sequence_lengths(L):
+    q, k, v = qkv(1, 2, L, 64, torch.float32)
+    check(q, k, v, torch.randn(1, 2, L, 64), torch.float32)
+
+
+@pytest.mark.parametrize("d", [32, 64, 256])
+@pytest.mark.parametrize("B", [1, 3])
+def test_head_dims_and_batches(B, d):
+    q, k, v = qkv(B, 1, 49, d, torch.float32)
+    check(q, k, v, torch.randn(B, 1, 49, d), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(3, 2, 49, 64), (1, 1, 64, 256), (1, 3, 16, 32)], ids=str)
+def test_half_dtypes(shape, dtype):
+    """bfloat16 runs with its tiles widened to float32 before tl.dot under the interpreter
+    (its bfloat16 tl.dot is wrong); see the contract in kernels/attention.py."""
+    q, k, v = qkv(*shape, dtype)
+    check(q, k, v, torch.randn(shape), dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "strided"])
+def test_non_contiguous_inputs(layout):
+    q, k, v = qkv(2, 1, 49, 32, torch.float32, layout)
+    assert not q.is_contiguous()
+    check(q, k, v, torch.randn(2, 1, 49, 32), torch.float32)
+
+
+@pytest.mark.parametrize("grad_kind", ["sum", "strided"])
+def test_non_contiguous_upstream_gradients(grad_kind):
+    q, k, v = qkv(3, 2, 16, 32, torch.float32)
+    grad = "sum" if grad_kind == "sum" else torch.randn(3, 2, 16, 64)[..., ::2]
+    check(q, k, v, grad, torch.float32)
+
+
+def test_value_dim_and_scale_can_differ():
+    q, k = qkv(2, 1, 20, 16, torch.float32)[:2]
+    v = torch.randn(2, 1, 20, 40)
+    check(q, k, v, torch.randn(2, 1, 20, 40), torch.float32, scale=0.3)
+
+
+def saved_bytes(op, L, d=32):
+    """Bytes autograd keeps between forward and backward for op on (1, 1, L, d) inputs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    q, k, v = (torch.randn(1, 1, L, d, requires_grad=True) for _ in range(3))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        op(q, k, v)
+    return sum(sizes)
+
+
+def test_saved_memory_is_linear_in_sequence_length():
+    fused = saved_bytes(kernels.attention, 64), saved_bytes(kernels.attention, 256)
+    eager = saved_bytes(reference.attention, 64), saved_bytes(reference.attention, 256)
+    # q, k, v, the output (4 L d floats) and the log-sum-exp (L floats): nothing L x L.
+    assert fused == tuple(4 * (4 * L * 32 + L) for L in (64, 256))
+    assert fused[1] == 4 * fused[0]
+    assert eager[1] > 10 * eager[0] and eager[1] > 256 * 256 * 4  # keeps the L x L probabilities
+
+
+def test_attention_block_fused_matches_eager():
+    block = AttnBlock(32, 8)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    x = torch.randn(3, 32, 5, 7)
+    grad = torch.randn(3, 32, 5, 7)
+    results = []
+    for fused in (True, False):
+        block.fused = fused
+        block.zero_grad()
+        xi = x.clone().requires_grad_()
+        out = block(xi)
+        out.backward(grad)
+        results.append([out.detach(), xi.grad] + [p.grad.clone() for p in block.parameters()])
+    for f, e in zip(*results):
+        torch.testing.assert_close(f, e, rtol=1e-4, atol=1e-5)
+
+
+def test_bad_inputs_are_named():
+    q = torch.randn(1, 1, 8, 16)
+    with pytest.raises(ValueError, match="^k must have the shape of q"):
+        kernels.attention(q, torch.randn(1, 1, 9, 16), q)
+    with pytest.raises(ValueError, match="^v must have shape"):
+        kernels.attention(q, q, torch.randn(1, 2, 8, 16))
+    with pytest.raises(TypeError, match="^k has dtype torch.float16"):
+        kernels.attention(q, q.half(), q)
+    with pytest.raises(ValueError, match="^q must have 4 dimensions"):
+        kernels.attention(q[0], q[0], q[0])
+    big = torch.randn(1, 1, 8, 300)
+    with pytest.raises(ValueError, match="^q's head dim must be in \\[1, 256\\], got 300"):
+        kernels.attention(big, big, big)
