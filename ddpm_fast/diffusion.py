@@ -6,6 +6,8 @@ or ddpm_fast.kernels (fused), picked by the `fused` flag, which also switches th
 U-Net's GroupNorm+SiLU and attention when the model supports it.
 """
 
+import warnings
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -57,17 +59,29 @@ class DDPM(nn.Module):
     def set_fused(self, fused: bool = True) -> "DDPM":
         """Run the diffusion ops (and the U-Net's, if it has the switch) fused or eager."""
         self.fused = bool(fused)
+        self._eager_warned = False
         if hasattr(self.model, "set_fused"):
             self.model.set_fused(fused)
         return self
 
-    @property
-    def ops(self):
-        if self.fused:
-            from ddpm_fast import kernels
+    def _ops(self, device: torch.device):
+        """The module whose ops run on `device`: ddpm_fast.kernels when fused, else the eager
+        twins. A fused model that will run eager there (a CPU without Triton's interpreter,
+        or DDPM_FAST_KERNELS=eager) says so once."""
+        if not self.fused:
+            return reference
+        from ddpm_fast import kernels
 
-            return kernels
-        return reference
+        if not self._eager_warned and not kernels.use_triton(device):
+            self._eager_warned = True
+            warnings.warn(
+                f"{type(self).__name__}: the fused kernels do not run on {device} here "
+                f"(DDPM_FAST_KERNELS={kernels.get_kernel_mode()}, Triton interpreter "
+                f"{'on' if kernels.interpreter_on() else 'off'}); running the eager PyTorch path, same results",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return kernels
 
     # -- training (Algorithm 1) ---------------------------------------------------------
 
@@ -81,7 +95,7 @@ class DDPM(nn.Module):
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (eq. 4)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return self.ops.q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        return self._ops(x0.device).q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
 
     def loss(
         self,
@@ -131,7 +145,7 @@ class DDPM(nn.Module):
         return self._p_sample(x_t, t, noise, clip_denoised, generator)
 
     def _p_sample(self, x_t, t, noise, clip_denoised, generator):
-        return self.ops.posterior_step(
+        return self._ops(x_t.device).posterior_step(
             x_t,
             self.model(x_t, t),
             t,
@@ -191,7 +205,7 @@ class DDPM(nn.Module):
         for i, j in tqdm(list(zip(reversed(seq), reversed(prev))), disable=not progress, desc="ddim"):
             t = torch.full((n,), i, device=x.device, dtype=torch.long)
             t_prev = torch.full((n,), j, device=x.device, dtype=torch.long)
-            x = self.ops.ddim_step(
+            x = self._ops(x.device).ddim_step(
                 x,
                 self.model(x, t),
                 t,
