@@ -189,12 +189,29 @@ def compile_report(ops=tuple(LAUNCHERS), caps=(80, 90), dtypes=("float32", "floa
     return rows
 
 
+def summary(rows: list[dict]) -> str:
+    """A markdown table: per kernel, GPU and dtype, the configurations compiled and the most
+    registers, spilled bytes and shared memory any of them uses."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["op"], r["name"], r["cap"], r["dtype"]), []).append(r)
+    lines = ["| op | kernel | sm | dtype | configs | max regs | max spill B | max smem B |",
+             "|---|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
+    for (op, name, cap, dtype), rs in groups.items():
+        spill = max(r.get("stack", 0) + r.get("local", 0) for r in rs)
+        regs = max(r.get("regs", 0) for r in rs)
+        smem = max(r["shared_meta"] for r in rs)
+        lines.append(f"| {op} | `{name}` | {cap} | {dtype} | {len(rs)} | {regs} | {spill} | {smem:,} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpm_fast.aot", description=__doc__.split("\n")[0])
     parser.add_argument("--ops", default=",".join(LAUNCHERS), help=f"comma-separated, from {list(LAUNCHERS)}")
     parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
     parser.add_argument("--dtypes", default="float32,float16")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument("--summary", action="store_true", help="one line per kernel, sm and dtype: the worst config")
     args = parser.parse_args(argv)
     ops = [o for o in args.ops.split(",") if o]
     unknown = [o for o in ops if o not in LAUNCHERS]
@@ -204,10 +221,18 @@ def main(argv=None) -> int:
     found = problems(rows)
     if args.json:
         print(json.dumps({"kernels": rows, "problems": found}))
+    elif args.summary:
+        print(summary(rows))
+        print("problems:", "; ".join(found) if found else "none")
     else:
         print(f"{'op':<16}{'dtype':<9}{'kernel':<44}{'sm':>4}{'warps':>6}{'regs':>6}{'spill B':>9}{'smem B':>9}")
+        seen = set()
         for r in rows:
             spill = r.get("stack", 0) + r.get("local", 0)
+            key = (r["op"], r["dtype"], r["name"], r["cap"], r["num_warps"], r.get("regs"), spill, r["shared_meta"])
+            if key in seen:  # the same compiled kernel at another shape
+                continue
+            seen.add(key)
             print(f"{r['op']:<16}{r['dtype']:<9}{r['name']:<44}{r['cap']:>4}{r['num_warps']:>6}"
                   f"{r.get('regs', '?'):>6}{spill:>9}{r['shared_meta']:>9}")  # fmt: skip
         print("problems:", "; ".join(found) if found else "none")

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 
 from ddpm_fast.data import digits_dataset
 from ddpm_fast.diffusion import DDPM
+from ddpm_fast.train import train_step
 from ddpm_fast.unet import UNet, UNetConfig
 
 DEMO_UNET = UNetConfig(
@@ -46,11 +47,7 @@ def demo(args: argparse.Namespace) -> None:
     bar = tqdm(total=args.steps, desc="train")
     while step < args.steps:
         for x0, _ in loader:
-            loss = ddpm.loss(x0.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(ddpm.parameters(), 1.0)
-            opt.step()
+            loss = train_step(ddpm, x0.to(device), opt)
             losses.append(loss.item())
             step += 1
             bar.update()

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ddpm_fast import checks, reference
+from ddpm_fast.profiling import nvtx_range
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
 
 
@@ -115,18 +116,19 @@ class DDPM(nn.Module):
             t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
         if noise is None:
             noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
-        x_t = self.q_sample(x0, t, noise)
-        out = self.model(x_t, t)
-        if self.prediction_type == "epsilon":
-            target = noise
-        elif self.prediction_type == "sample":
-            target = x0
-        else:
-            target = (
-                extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
-                - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
-            )
-        return F.mse_loss(out.float(), target.float())
+        with nvtx_range("forward"):
+            out = self.model(self.q_sample(x0, t, noise), t)
+        with nvtx_range("loss"):
+            if self.prediction_type == "epsilon":
+                target = noise
+            elif self.prediction_type == "sample":
+                target = x0
+            else:
+                target = (
+                    extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
+                    - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
+                )
+            return F.mse_loss(out.float(), target.float())
 
     # -- sampling (Algorithm 2) ---------------------------------------------------------
 
@@ -145,20 +147,21 @@ class DDPM(nn.Module):
         return self._p_sample(x_t, t, noise, clip_denoised, generator)
 
     def _p_sample(self, x_t, t, noise, clip_denoised, generator):
-        return self._ops(x_t.device).posterior_step(
-            x_t,
-            self.model(x_t, t),
-            t,
-            noise,
-            self.sqrt_recip_alphas_cumprod,
-            self.sqrt_recipm1_alphas_cumprod,
-            self.posterior_mean_coef1,
-            self.posterior_mean_coef2,
-            self.posterior_log_variance,
-            prediction_type=self.prediction_type,
-            clip_denoised=clip_denoised,
-            generator=generator,
-        )
+        with nvtx_range("sampling step"):
+            return self._ops(x_t.device).posterior_step(
+                x_t,
+                self.model(x_t, t),
+                t,
+                noise,
+                self.sqrt_recip_alphas_cumprod,
+                self.sqrt_recipm1_alphas_cumprod,
+                self.posterior_mean_coef1,
+                self.posterior_mean_coef2,
+                self.posterior_log_variance,
+                prediction_type=self.prediction_type,
+                clip_denoised=clip_denoised,
+                generator=generator,
+            )
 
     def _start(self, n: int, generator, device) -> torch.Tensor:
         if not isinstance(n, int) or n < 1:
@@ -205,16 +208,17 @@ class DDPM(nn.Module):
         for i, j in tqdm(list(zip(reversed(seq), reversed(prev))), disable=not progress, desc="ddim"):
             t = torch.full((n,), i, device=x.device, dtype=torch.long)
             t_prev = torch.full((n,), j, device=x.device, dtype=torch.long)
-            x = self._ops(x.device).ddim_step(
-                x,
-                self.model(x, t),
-                t,
-                t_prev,
-                None,
-                self.alphas_cumprod,
-                eta=eta,
-                prediction_type=self.prediction_type,
-                clip_denoised=clip_denoised,
-                generator=generator,
-            )
+            with nvtx_range("sampling step"):
+                x = self._ops(x.device).ddim_step(
+                    x,
+                    self.model(x, t),
+                    t,
+                    t_prev,
+                    None,
+                    self.alphas_cumprod,
+                    eta=eta,
+                    prediction_type=self.prediction_type,
+                    clip_denoised=clip_denoised,
+                    generator=generator,
+                )
         return x

@@ -28,13 +28,13 @@ Contract
   gradients of x, gamma, beta and add, per dtype, odd shapes, channels_last, non-contiguous
   upstream gradients, mean 1e3 / std 1e-2 inputs, both forward paths; compiled for sm_80/90.
 
-Traffic per element (float32, bytes), one tensor pass = 4:
+Traffic per element (float32, bytes), one tensor pass = 4 (`python -m ddpm_fast.traffic`):
   forward, fused, group on chip: read x, write y: 8 (the add is B*C values: nothing).
     split path: read x twice, write y: 12.
-    eager: x + add (12), group_norm (read, write: 8, plus a statistics read: 4), silu (8): 32.
-  backward, fused: read x, dy, write dx: 12 (16 when a group does not fit and is read twice).
-    eager: silu backward (read dy, x_gn, write: 12), group_norm backward (read dy, x, write dx,
-    plus two reduction reads: 20), the add's backward (read: 4): about 36.
+    eager: x + add (8), group_norm (8, plus the statistics pass inside it), silu (8): 24-28.
+  backward, fused: read x, dy, write dx: 12 (20 when a group does not fit and is read twice).
+    eager: silu backward (12), group_norm backward (read dy, x, write dx: 12, plus its
+    reductions), the add's backward (read 4): 28-32.
 """
 
 import torch

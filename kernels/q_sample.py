@@ -11,7 +11,7 @@ Contract
   odd shapes, non-contiguous inputs and expanded gradients; compiled for sm_80/sm_90.
 
 Traffic per element (float32, bytes): fused forward reads x0 and eps and writes x_t: 12.
-The eager twin runs a * x0, b * eps and their sum as three kernels: 28. Backward: fused
+The eager twin runs a * x0, b * eps and their sum as three kernels (and two tiny gathers): 28. Backward: fused
 reads g and writes both gradients: 12; eager autograd runs two multiplies: 16.
 
 Grid: one program per (sample, block of BLOCK elements), flattened on axis 0 so that any
