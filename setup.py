@@ -17,6 +17,7 @@ setup(
         "triton>=3.0; platform_system == 'Linux'",
         "numpy>=1.24",
         "tqdm>=4.60",
+        "matplotlib>=3.5",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "scikit-learn>=1.3"],

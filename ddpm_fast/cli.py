@@ -1,28 +1,30 @@
-"""The `ddpm-fast` command.
+"""The `ddpm-fast` command: train, sample, demo.
 
-ddpm-fast demo [--steps N] [--out DIR]   train a small DDPM on the built-in 8x8 digits
-                                          (no download) and write a sample grid
+ddpm-fast demo                                    small model, built-in digits, a few minutes on a CPU
+ddpm-fast train --dataset cifar10 --class airplane --data-root data --out runs/airplane
+torchrun --nproc_per_node 4 -m ddpm_fast.cli train ...   # DistributedDataParallel
+ddpm-fast sample --checkpoint runs/airplane/checkpoint.pt --n 64 --out samples.png
 """
 
 import argparse
-import csv
 import os
+import sys
 import time
+import warnings
+from dataclasses import asdict
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+import torch.distributed as dist
+import torch.nn.functional as F
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
-from ddpm_fast.data import digits_dataset
+from ddpm_fast import kernels
+from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, make_dataset
 from ddpm_fast.diffusion import DDPM
-from ddpm_fast.train import train_step
-from ddpm_fast.unet import UNet, UNetConfig
-
-DEMO_UNET = UNetConfig(
-    in_channels=1, image_size=16, ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), dropout=0.0,
-    num_groups=8,
-)  # fmt: skip
+from ddpm_fast.fast import FastDDPM
+from ddpm_fast.train import CheckpointError, TrainConfig, Trainer, ema_model_state, load_checkpoint
+from ddpm_fast.unet import PRESETS, UNet, UNetConfig
 
 
 def _positive_int(text: str) -> int:
@@ -32,68 +34,189 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def demo(args: argparse.Namespace) -> None:
-    torch.manual_seed(args.seed)
+def _build(model_config: dict, fused: bool) -> DDPM:
+    unet = dict(model_config["unet"])
+    unet["ch_mult"], unet["attn_resolutions"] = tuple(unet["ch_mult"]), tuple(unet["attn_resolutions"])
+    cfg = UNetConfig(**unet)
+    cls = FastDDPM if fused else DDPM
+    return cls(UNet(cfg), image_size=cfg.image_size, channels=cfg.in_channels, **model_config["ddpm"])
+
+
+def _model_config(args, channels: int) -> dict:
+    base = PRESETS[args.preset]
+    unet = UNetConfig(**{**asdict(base), "in_channels": channels, "image_size": args.image_size})
+    if args.dropout is not None:
+        unet = UNetConfig(**{**asdict(unet), "dropout": args.dropout})
+    ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type}
+    return {"unet": asdict(unet), "ddpm": ddpm}
+
+
+def _setup_distributed(device_arg: str) -> torch.device:
+    """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    use_cuda = device_arg.startswith("cuda") and torch.cuda.is_available()
+    if world > 1:
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+        if use_cuda:
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            torch.cuda.set_device(local)
+            return torch.device("cuda", local)
+    return torch.device(device_arg)
+
+
+def train(args) -> None:
+    device = _setup_distributed(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    try:
+        channels = 1 if args.dataset == "digits" else 3
+        dataset = make_dataset(args.dataset, args.image_size, args.data_root, args.class_name, args.download, channels)
+        config = TrainConfig(
+            out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
+            ema_decay=args.ema_decay, amp=args.amp, sample_every=args.sample_every, num_samples=args.num_samples,
+            sample_steps=args.sample_steps, seed=args.seed, max_steps=args.max_steps, num_workers=args.num_workers,
+        )  # fmt: skip
+        model_config = _model_config(args, channels)
+        resume_path = os.path.join(args.out, "checkpoint.pt") if args.resume else None
+        if resume_path:  # the model comes from the checkpoint
+            model_config = load_checkpoint(resume_path)["config"]["model"]
+        torch.manual_seed(args.seed)
+        ddpm = _build(model_config, args.fused)
+        trainer = Trainer(ddpm, dataset, config, device, model_config)
+        if resume_path:
+            trainer.resume(resume_path)
+        if rank == 0:
+            n_params = sum(p.numel() for p in ddpm.model.parameters())
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            path = "fused" if args.fused else "eager"
+            print(f"training a {n_params:,}-parameter U-Net on {len(dataset):,} images ({args.dataset}) on {device}"
+                  f" x {world}, {path}; from step {trainer.step}; out: {args.out}")  # fmt: skip
+        trainer.train()
+        if rank == 0:
+            print(f"done at step {trainer.step}: {trainer.checkpoint_path}, {trainer.log_path}")
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def sample(args) -> None:
+    state = load_checkpoint(args.checkpoint)
     device = torch.device(args.device)
-    os.makedirs(args.out, exist_ok=True)
-    data = digits_dataset(DEMO_UNET.image_size)
-    loader = DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True)
-    ddpm = DDPM(UNet(DEMO_UNET), image_size=DEMO_UNET.image_size, channels=1, timesteps=args.timesteps).to(device)
-    opt = torch.optim.Adam(ddpm.parameters(), lr=args.lr)
-    n_params = sum(p.numel() for p in ddpm.model.parameters())
-    print(f"demo: {n_params:,}-parameter U-Net on {len(data)} digits at 16x16, {args.steps} steps on {device}")
-
-    losses, step, start = [], 0, time.perf_counter()
-    bar = tqdm(total=args.steps, desc="train")
-    while step < args.steps:
-        for x0, _ in loader:
-            loss = train_step(ddpm, x0.to(device), opt)
-            losses.append(loss.item())
-            step += 1
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            if step == args.steps:
-                break
-    bar.close()
-
-    with open(os.path.join(args.out, "loss.csv"), "w", newline="") as f:
-        csv.writer(f).writerows([("step", "loss"), *enumerate(losses, 1)])
-    ddpm.eval()
+    ddpm = _build(state["config"]["model"], args.fused)
+    ddpm.load_state_dict(state["model"] if args.no_ema else ema_model_state(state["ema"]))
+    ddpm.to(device).eval()
     generator = torch.Generator(device).manual_seed(args.seed)
-    if args.sampling_steps >= args.timesteps:
-        images = ddpm.sample(args.num_samples, generator=generator, device=device)
+    start = time.perf_counter()
+    if args.sampler == "ddpm":
+        images = ddpm.sample(args.n, generator=generator, device=device)
     else:
-        images = ddpm.ddim_sample(args.num_samples, steps=args.sampling_steps, generator=generator, device=device)
+        images = ddpm.ddim_sample(args.n, steps=args.steps, eta=args.eta, generator=generator, device=device)
+    images = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.out.endswith(".npz"):  # uint8 NHWC, as FID tools expect
+        np.savez(args.out, samples=(images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    else:
+        save_image(images, args.out, nrow=int(np.ceil(np.sqrt(args.n))), padding=1)
+    print(f"{args.n} samples ({args.sampler}) in {time.perf_counter() - start:.1f} s: {args.out}")
+
+
+def demo(args) -> None:
+    """A small U-Net on the built-in digits: trains for a few minutes on a CPU and writes
+    samples.png (from the EMA weights) and loss.png."""
+    args.dataset, args.data_root, args.class_name, args.download = "digits", None, None, False
+    args.preset, args.image_size, args.dropout = "demo", 8, 0.0  # the digits' own 8x8
+    args.timesteps, args.beta_schedule, args.prediction_type = 1000, "linear", "epsilon"
+    per_epoch = max(1, 1797 // args.batch_size)  # batches of the digits per epoch
+    args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
+    args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False
+    if args.fused and not kernels.use_triton(torch.device(args.device)):
+        print(f"demo: no Triton kernels on {args.device} here; the eager PyTorch path (same results)")
+        args.fused = False
+    start = time.perf_counter()
+    train(args)
+    state = load_checkpoint(os.path.join(args.out, "checkpoint.pt"))
+    ddpm = _build(state["config"]["model"], args.fused)
+    ddpm.load_state_dict(ema_model_state(state["ema"]))
+    ddpm.to(args.device).eval()
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    images = ddpm.ddim_sample(args.num_samples, steps=args.sample_steps, generator=generator, device=args.device)
     path = os.path.join(args.out, "samples.png")
-    save_image((images + 1) / 2, path, nrow=8, padding=1)
-    elapsed = time.perf_counter() - start
-    first, last = sum(losses[:50]) / len(losses[:50]), sum(losses[-50:]) / len(losses[-50:])
-    print(f"loss {first:.4f} (first 50 steps) -> {last:.4f} (last 50); {elapsed:.0f} s; samples in {path}")
+    images = F.interpolate((images.float() + 1) / 2, scale_factor=4, mode="nearest")  # 8x8 is small to look at
+    save_image(images, path, nrow=8, padding=2)
+    print(f"demo done in {time.perf_counter() - start:.0f} s: {path}, {os.path.join(args.out, 'loss.png')}")
+
+
+def _common(p: argparse.ArgumentParser, out: str) -> None:
+    p.add_argument("--out", default=out, help=f"output folder (default {out})")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                   help="FastDDPM's Triton kernels (default); --no-fused: the eager DDPM")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm-fast", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="ddpm-fast", description="Train and sample DDPMs (Ho et al. 2020).")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train a small DDPM on the built-in digits and write a sample grid")
-    p.add_argument("--steps", type=_positive_int, default=500, help="training steps (default 500)")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--timesteps", type=_positive_int, default=1000, help="diffusion steps T")
-    p.add_argument("--num-samples", type=_positive_int, default=64)
-    p.add_argument(
-        "--sampling-steps", type=_positive_int, default=100,
-        help="DDIM steps for the sample grid; T or more samples with all T ancestral steps (default 100)",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
-    p.set_defaults(func=demo)
+
+    t = sub.add_parser("train", help="train a DDPM, writing checkpoints, sample grids and a loss log")
+    _common(t, "runs/train")
+    t.add_argument("--dataset", choices=DATASETS, default="digits")
+    t.add_argument("--data-root", help="CIFAR-10's folder (holding cifar-10-batches-py) or an image folder")
+    t.add_argument("--class", dest="class_name", help=f"CIFAR-10 class to keep: {', '.join(CIFAR10_CLASSES)} or 0-9")
+    t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
+    t.add_argument("--image-size", type=_positive_int, default=32)
+    t.add_argument("--preset", choices=sorted(PRESETS), default="cifar10",
+                   help="cifar10: the paper's 35.7M U-Net; small: ~1M, trains on a CPU")  # fmt: skip
+    t.add_argument("--dropout", type=float, help="override the preset's dropout")
+    t.add_argument("--timesteps", type=_positive_int, default=1000)
+    t.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear")
+    t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon")
+    t.add_argument("--epochs", type=_positive_int, default=100)
+    t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
+    t.add_argument("--batch-size", type=_positive_int, default=128,
+                   help="per process: under torchrun the global batch is this x the number of processes")  # fmt: skip
+    t.add_argument("--lr", type=float, default=2e-4)
+    t.add_argument("--warmup", type=int, default=5000, help="learning-rate warmup steps")
+    t.add_argument("--ema-decay", type=float, default=0.9999)
+    t.add_argument("--amp", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
+    t.add_argument("--sample-every", type=int, default=1, help="epochs between sample grids (0: never)")
+    t.add_argument("--num-samples", type=_positive_int, default=64)
+    t.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for grids (>= T: ancestral)")
+    t.add_argument("--num-workers", type=int, default=2)
+    t.add_argument("--resume", action="store_true", help="go on from OUT/checkpoint.pt")
+    t.set_defaults(func=train)
+
+    s = sub.add_parser("sample", help="sample from a checkpoint into a PNG grid or an .npz")
+    _common(s, "samples.png")
+    s.add_argument("--checkpoint", required=True)
+    s.add_argument("--n", type=_positive_int, default=64)
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    s.set_defaults(func=sample)
+
+    d = sub.add_parser("demo", help="train a small DDPM on the built-in digits (no download), write samples.png")
+    _common(d, "runs/demo")
+    d.add_argument("--steps", type=_positive_int, default=1500, help="training steps (default 1500)")
+    d.add_argument("--batch-size", type=_positive_int, default=64)
+    d.add_argument("--lr", type=float, default=1e-3)
+    d.add_argument("--num-samples", type=_positive_int, default=64)
+    d.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for the grid")
+    d.set_defaults(func=demo)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("once")
+            args.func(args)
+    except (CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+        print(f"ddpm-fast {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
 
 
 if __name__ == "__main__":

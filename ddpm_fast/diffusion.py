@@ -130,6 +130,10 @@ class DDPM(nn.Module):
                 )
             return F.mse_loss(out.float(), target.float())
 
+    def forward(self, x0: torch.Tensor, **kwargs) -> torch.Tensor:
+        """The training loss, so that DistributedDataParallel(ddpm)(x0) syncs its gradients."""
+        return self.loss(x0, **kwargs)
+
     # -- sampling (Algorithm 2) ---------------------------------------------------------
 
     @torch.no_grad()

@@ -1,0 +1,136 @@
+"""Trainer: checkpoints, exact resume, Ctrl-C, logs and grids, DDP on two CPU processes, the CLI."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.utils.data import Subset
+
+import ddpm_fast.train as train_module
+from ddpm_fast import DDPM, UNet, UNetConfig
+from ddpm_fast.cli import main
+from ddpm_fast.data import digits_dataset
+from ddpm_fast.train import CheckpointError, TrainConfig, Trainer, load_checkpoint
+
+TINY = UNetConfig(in_channels=1, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                  num_groups=4, dropout=0.1)  # fmt: skip
+DATA = Subset(digits_dataset(8), range(64))  # 4 batches of 16 per epoch
+
+
+def trainer(out, **overrides) -> Trainer:
+    torch.manual_seed(0)
+    ddpm = DDPM(UNet(TINY), image_size=8, channels=1, timesteps=20)
+    kwargs = dict(out_dir=str(out), epochs=2, batch_size=16, warmup=3, sample_every=1, num_samples=4,
+                  sample_steps=3, progress=False, lr=1e-3, ema_decay=0.9)  # fmt: skip
+    return Trainer(ddpm, DATA, TrainConfig(**{**kwargs, **overrides}), "cpu", {"unet": {}, "ddpm": {}})
+
+
+def test_a_short_run_writes_checkpoint_grids_and_logs(tmp_path):
+    t = trainer(tmp_path)
+    losses = t.train()
+    assert [s for s, _ in losses] == list(range(1, 9))
+    for name in ("checkpoint.pt", "loss.csv", "loss.png", "samples/epoch_0001.png", "samples/epoch_0002.png"):
+        assert os.path.getsize(tmp_path / name) > 0, name
+    rows = (tmp_path / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,epoch,loss,lr" and len(rows) == 9
+    state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
+    assert state["step"] == 8 and state["epoch"] == 2 and state["batch_in_epoch"] == 0
+    assert not any(n.endswith(".tmp") or ".tmp." in n for n in os.listdir(tmp_path))
+    ema = {k[7:]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    assert not torch.equal(ema["model.conv_in.weight"], state["model"]["model.conv_in.weight"])
+
+
+def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
+    straight = trainer(tmp_path / "a").train()
+    first = trainer(tmp_path / "b", max_steps=3)  # stops in the middle of epoch 1
+    first.train()
+    second = trainer(tmp_path / "b")
+    second.resume()
+    assert second.step == 3 and second.batch_in_epoch == 3
+    resumed = second.train()
+    assert first.losses + resumed == straight  # exactly: same data order, noise, dropout
+    log = (tmp_path / "b" / "loss.csv").read_text().splitlines()
+    assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 9))
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
+    straight = trainer(tmp_path / "a").train()
+    real, calls = train_module.train_step, []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "train_step", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path / "b").train()
+    monkeypatch.setattr(train_module, "train_step", real)
+    assert load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["step"] == 5
+    t = trainer(tmp_path / "b")
+    t.resume()
+    assert t.train() == straight[5:]
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    t = trainer(tmp_path, max_steps=1)
+    t.train()
+    path = tmp_path / "checkpoint.pt"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        t.resume()
+    with pytest.raises(CheckpointError, match="no checkpoint at"):
+        t.resume(str(tmp_path / "missing.pt"))
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a ddpm-fast checkpoint"):
+        load_checkpoint(str(tmp_path / "other.pt"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
+    import ddp_worker
+
+    mp.spawn(ddp_worker.run, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert set(r0["indices"]).isdisjoint(r1["indices"])  # each rank reads its own shard
+    assert r0["losses"] != r1["losses"]
+    for (name, a), b in zip(r0["state"].items(), r1["state"].values()):
+        assert torch.equal(a, b), name
+    assert os.path.isfile(tmp_path / "checkpoint.pt")  # written by rank 0 only
+
+
+def test_cli_train_then_sample(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--max-steps", "2",
+            "--batch-size", "16", "--timesteps", "20", "--sample-every", "0", "--num-workers", "0", "--no-fused",
+            "--out", str(out), "--device", "cpu"]  # fmt: skip
+    main(args)
+    main(args[:8] + ["4"] + args[9:] + ["--resume"])  # go on to step 4 from the checkpoint
+    assert load_checkpoint(str(out / "checkpoint.pt"))["step"] == 4
+    for target in ("grid.png", "grid.npz"):
+        main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--n", "4", "--sampler", "ddim", "--steps", "3",
+              "--out", str(tmp_path / target), "--device", "cpu", "--no-fused"])  # fmt: skip
+        assert os.path.getsize(tmp_path / target) > 0
+    import numpy as np
+
+    samples = np.load(tmp_path / "grid.npz")["samples"]
+    assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.uint8
+
+
+def test_cli_errors_are_one_clear_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["sample", "--checkpoint", str(tmp_path / "none.pt")])
+    assert e.value.code == 2
+    assert "error: no checkpoint at" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", "--dataset", "cifar10", "--class", "plane", "--data-root", str(tmp_path)])
+    assert "unknown CIFAR-10 class 'plane'; choose one of airplane" in capsys.readouterr().err
