@@ -85,3 +85,14 @@ def test_empty_or_missing_folder(tmp_path):
         ImageFolderDataset(str(tmp_path / "nope"), 16)
     with pytest.raises(ValueError, match="unknown dataset 'mnist'"):
         make_dataset("mnist", 32)
+
+
+def test_download_without_a_network_says_so(tmp_path, monkeypatch):
+    import urllib.error
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.datasets.cifar, "download_and_extract_archive", no_network)
+    with pytest.raises(ConnectionError, match="downloading CIFAR-10 failed .* no internet access"):
+        cifar10_dataset(str(tmp_path), "airplane", download=True)
