@@ -12,6 +12,9 @@ CPU (fewer rounds, smaller batches for the whole-model steps): CPU timings, not 
 import pytest
 import torch
 
+from ddpm_fast import kernels, reference
+from ddpm_fast.schedule import make_betas, schedule_buffers
+
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 IMPLS = ["eager", "fused"]
@@ -62,3 +65,17 @@ def measure(benchmark):
             benchmark.extra_info["TFLOP/s"] = round(flops / mean / 1e12, 3)
 
     return run
+
+
+BUFS = schedule_buffers(make_betas("linear", 1000))
+STEP = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
+        "posterior_log_variance")  # fmt: skip
+
+
+def ops(impl: str):
+    """The module whose op a case times: ddpm_fast.kernels (fused) or ddpm_fast.reference (eager)."""
+    return kernels if impl == "fused" else reference
+
+
+def buffers(*names):
+    return [BUFS[n].to(DEVICE) for n in names]
