@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from ddpm_fast import kernels, reference
-from ddpm_fast.schedule import make_betas, schedule_buffers
+from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -68,8 +68,7 @@ def measure(benchmark):
 
 
 BUFS = schedule_buffers(make_betas("linear", 1000))
-STEP = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2",
-        "posterior_log_variance")  # fmt: skip
+STEP = POSTERIOR_STEP_BUFFERS
 
 
 def ops(impl: str):

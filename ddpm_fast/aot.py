@@ -118,16 +118,15 @@ def _launch_posterior_step(dtype):
     import torch
 
     from ddpm_fast import kernels
-    from ddpm_fast.schedule import make_betas, schedule_buffers
+    from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
     b = schedule_buffers(make_betas("linear", 1000))
-    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-             "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
     x = torch.randn(4, 3, 32, 32).to(dtype)
     t = torch.randint(1, 1000, (4,))
+    step = [b[n] for n in POSTERIOR_STEP_BUFFERS]
     for prediction_type in ("epsilon", "sample", "v_prediction"):
         for noise in (x, None):
-            kernels.posterior_step(x, x, t, noise, *(b[n] for n in names), prediction_type=prediction_type)
+            kernels.posterior_step(x, x, t, noise, *step, prediction_type=prediction_type)
             kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type)
         kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
 

@@ -6,6 +6,8 @@ argument's name first, so a user sees at once which input is at fault.
 
 import torch
 
+from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS
+
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -76,8 +78,7 @@ def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers)
     if noise is not None:
         check_like("noise", noise, "x_t", x_t, dtype=False)
     check_prediction_type(prediction_type)
-    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-             "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
+    names = POSTERIOR_STEP_BUFFERS  # buffers come in this order
     for name, buf in zip(names, buffers):
         check_schedule(name, buf, x_t.device)
         if buf.shape != buffers[0].shape:

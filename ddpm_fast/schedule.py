@@ -10,6 +10,14 @@ import math
 import torch
 
 BETA_SCHEDULES = ("linear", "cosine")
+# The schedule buffers one ancestral reverse step reads, in the order of posterior_step's arguments.
+POSTERIOR_STEP_BUFFERS = (
+    "sqrt_recip_alphas_cumprod",
+    "sqrt_recipm1_alphas_cumprod",
+    "posterior_mean_coef1",
+    "posterior_mean_coef2",
+    "posterior_log_variance",
+)
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 

@@ -23,7 +23,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm_fast import checks, reference
-from ddpm_fast.schedule import make_betas, schedule_buffers
+from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
 _FREE = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "lift_fresh", "detach", "alias"}
 
@@ -141,9 +141,7 @@ def fused_attention(shape, size: int = 4, backward: bool = False) -> Traffic:
 
 def _step_buffers():
     b = schedule_buffers(make_betas("linear", 1000))
-    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-             "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
-    return b, [b[n] for n in names]
+    return b, [b[n] for n in POSTERIOR_STEP_BUFFERS]
 
 
 def op_rows() -> list[tuple[str, Traffic, Traffic]]:

@@ -7,13 +7,12 @@ import torch
 from helpers import DTYPES, LAYOUTS, TOL, check_layout, make
 
 from ddpm_fast import DDPM, kernels, reference
-from ddpm_fast.schedule import make_betas, schedule_buffers
+from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
 T = 1000
 PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 VARIANCES = ["fixed_small", "fixed_large"]
-STEP_BUFFERS = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-                "posterior_mean_coef2", "posterior_log_variance")  # fmt: skip
+STEP_BUFFERS = POSTERIOR_STEP_BUFFERS
 
 
 @pytest.fixture(autouse=True)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddpm_fast import reference
-from ddpm_fast.schedule import make_betas, schedule_buffers
+from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
 T = 1000
 
@@ -20,8 +20,7 @@ def betas64():
 
 
 def step_args(bufs, variance="posterior_log_variance"):
-    names = ("sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1",
-             "posterior_mean_coef2", variance)  # fmt: skip
+    names = (*POSTERIOR_STEP_BUFFERS[:-1], variance)
     return [bufs[n] for n in names]
 
 
