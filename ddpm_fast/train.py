@@ -169,6 +169,7 @@ class Trainer:
         )
         self.step = self.epoch = self.batch_in_epoch = 0
         self.losses: list[tuple[int, float]] = []
+        self._log_rows: list[list] = []  # loss.csv rows not yet written
         self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
         self.log_path = os.path.join(config.out_dir, "loss.csv")
 
@@ -193,6 +194,7 @@ class Trainer:
     def save(self) -> None:
         if self.rank == 0:
             os.makedirs(self.config.out_dir, exist_ok=True)
+            self._flush_log()
             save_checkpoint(self.state_dict(), self.checkpoint_path)
 
     def resume(self, path: str | None = None) -> None:
@@ -279,15 +281,18 @@ class Trainer:
         return self.losses
 
     def _log(self, loss: float) -> None:
-        if self.rank:
-            return
-        os.makedirs(self.config.out_dir, exist_ok=True)
+        """Keep the row; rows reach loss.csv with the checkpoint (no file I/O per step)."""
+        if self.rank == 0:
+            self._log_rows.append([self.step, self.epoch, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}"])
+
+    def _flush_log(self) -> None:
         new = not os.path.isfile(self.log_path)
         with open(self.log_path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(["step", "epoch", "loss", "lr"])
-            writer.writerow([self.step, self.epoch, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}"])
+            writer.writerows(self._log_rows)
+        self._log_rows.clear()
 
     @torch.no_grad()
     def sample_grid(self) -> str | None:
