@@ -44,9 +44,10 @@ def _build(model_config: dict, fused: bool) -> DDPM:
 
 def _model_config(args, channels: int) -> dict:
     base = PRESETS[args.preset]
-    unet = UNetConfig(**{**asdict(base), "in_channels": channels, "image_size": args.image_size})
+    overrides = {"in_channels": channels, "image_size": args.image_size}
     if args.dropout is not None:
-        unet = UNetConfig(**{**asdict(unet), "dropout": args.dropout})
+        overrides["dropout"] = args.dropout
+    unet = UNetConfig(**{**asdict(base), **overrides})
     ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type}
     return {"unet": asdict(unet), "ddpm": ddpm}
 
@@ -98,12 +99,17 @@ def train(args) -> None:
             dist.destroy_process_group()
 
 
+def _load_for_sampling(path: str, fused: bool, device: torch.device, ema: bool = True) -> DDPM:
+    """The model of a checkpoint, with its EMA weights (or the raw ones), ready to sample."""
+    state = load_checkpoint(path)
+    ddpm = _build(state["config"]["model"], fused)
+    ddpm.load_state_dict(ema_model_state(state["ema"]) if ema else state["model"])
+    return ddpm.to(device).eval()
+
+
 def sample(args) -> None:
-    state = load_checkpoint(args.checkpoint)
     device = torch.device(args.device)
-    ddpm = _build(state["config"]["model"], args.fused)
-    ddpm.load_state_dict(state["model"] if args.no_ema else ema_model_state(state["ema"]))
-    ddpm.to(device).eval()
+    ddpm = _load_for_sampling(args.checkpoint, args.fused, device, ema=not args.no_ema)
     generator = torch.Generator(device).manual_seed(args.seed)
     start = time.perf_counter()
     if args.sampler == "ddpm":
@@ -133,10 +139,7 @@ def demo(args) -> None:
         args.fused = False
     start = time.perf_counter()
     train(args)
-    state = load_checkpoint(os.path.join(args.out, "checkpoint.pt"))
-    ddpm = _build(state["config"]["model"], args.fused)
-    ddpm.load_state_dict(ema_model_state(state["ema"]))
-    ddpm.to(args.device).eval()
+    ddpm = _load_for_sampling(os.path.join(args.out, "checkpoint.pt"), args.fused, torch.device(args.device))
     generator = torch.Generator(args.device).manual_seed(args.seed)
     images = ddpm.ddim_sample(args.num_samples, steps=args.sample_steps, generator=generator, device=args.device)
     path = os.path.join(args.out, "samples.png")
