@@ -33,8 +33,17 @@ def check_like(name: str, x, ref_name: str, ref: torch.Tensor, dtype: bool = Tru
         raise TypeError(f"{name} has dtype {x.dtype} but {ref_name} has {ref.dtype}")
 
 
-def check_timesteps(name: str, t, batch: int, num_timesteps: int, device: torch.device, low: int = 0) -> None:
-    """t is an integer tensor of shape (batch,) on `device` with values in [low, num_timesteps)."""
+def _compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_timesteps(name: str, t, batch: int, num_timesteps: int, device: torch.device, low: int = 0,
+                    values: bool = True) -> None:  # fmt: skip
+    """t is an integer tensor of shape (batch,) on `device` with values in [low, num_timesteps).
+
+    The metadata checks are free. The value check reads t: one host sync (on a GPU, the CPU
+    waits for the GPU to get there), so it runs only where `values` is True, and never inside
+    torch.compile (compiled code relies on the kernels' clamped gathers)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of timesteps, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -43,10 +52,10 @@ def check_timesteps(name: str, t, batch: int, num_timesteps: int, device: torch.
         raise ValueError(f"{name} must have shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the images are on {device}")
-    if batch and (int(t.min()) < low or int(t.max()) >= num_timesteps):
-        raise ValueError(
-            f"{name} must lie in [{low}, {num_timesteps}), got values from {int(t.min())} to {int(t.max())}"
-        )
+    if values and batch and not _compiling():
+        lo, hi = torch.aminmax(t)
+        if bool((lo < low) | (hi >= num_timesteps)):  # the one sync; the message below only on failure
+            raise ValueError(f"{name} must lie in [{low}, {num_timesteps}), got values from {int(lo)} to {int(hi)}")
 
 
 def check_schedule(name: str, buf, device: torch.device) -> None:
@@ -64,15 +73,28 @@ def check_prediction_type(prediction_type) -> None:
         raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}")
 
 
-def check_q_sample(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod) -> None:
+def check_q_sample(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, check_t: bool = True) -> None:
     check_float("x0", x0, min_ndim=1)
     check_like("noise", noise, "x0", x0, dtype=False)
     check_schedule("sqrt_alphas_cumprod", sqrt_alphas_cumprod, x0.device)
     check_schedule("sqrt_one_minus_alphas_cumprod", sqrt_one_minus_alphas_cumprod, x0.device)
-    check_timesteps("t", t, x0.shape[0], sqrt_alphas_cumprod.shape[0], x0.device)
+    if sqrt_one_minus_alphas_cumprod.shape != sqrt_alphas_cumprod.shape:
+        raise ValueError(
+            f"sqrt_one_minus_alphas_cumprod has {sqrt_one_minus_alphas_cumprod.shape[0]} timesteps but "
+            f"sqrt_alphas_cumprod has {sqrt_alphas_cumprod.shape[0]}"
+        )
+    check_timesteps("t", t, x0.shape[0], sqrt_alphas_cumprod.shape[0], x0.device, values=check_t)
 
 
-def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers) -> None:
+NOISE_SOURCES = ("torch", "philox")
+
+
+def check_noise_source(noise_source) -> None:
+    if noise_source not in NOISE_SOURCES:
+        raise ValueError(f"noise_source must be one of {NOISE_SOURCES}, got {noise_source!r}")
+
+
+def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t: bool = True) -> None:
     check_float("x_t", x_t, min_ndim=1)
     check_like("model_output", model_output, "x_t", x_t, dtype=False)
     if noise is not None:
@@ -83,23 +105,30 @@ def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers)
         check_schedule(name, buf, x_t.device)
         if buf.shape != buffers[0].shape:
             raise ValueError(f"{name} has {buf.shape[0]} timesteps but {names[0]} has {buffers[0].shape[0]}")
-    check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
+    check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device, values=check_t)
 
 
-def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type) -> None:
+def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
+                    check_t: bool = True) -> None:  # fmt: skip
     check_float("x_t", x_t, min_ndim=1)
     check_like("model_output", model_output, "x_t", x_t, dtype=False)
     if noise is not None:
         check_like("noise", noise, "x_t", x_t, dtype=False)
     check_prediction_type(prediction_type)
-    if not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
     check_schedule("alphas_cumprod", alphas_cumprod, x_t.device)
-    num_timesteps = alphas_cumprod.shape[0]
-    check_timesteps("t", t, x_t.shape[0], num_timesteps, x_t.device)
-    check_timesteps("t_prev", t_prev, x_t.shape[0], num_timesteps, x_t.device, low=-1)
-    if bool((t_prev >= t).any()):
-        raise ValueError("t_prev must be smaller than t for every sample")
+    num_timesteps, batch = alphas_cumprod.shape[0], x_t.shape[0]
+    check_timesteps("t", t, batch, num_timesteps, x_t.device, values=False)
+    check_timesteps("t_prev", t_prev, batch, num_timesteps, x_t.device, low=-1, values=False)
+    if check_t and batch and not _compiling():
+        lo, hi = torch.aminmax(t)
+        lo_p, hi_p = torch.aminmax(t_prev)
+        if bool((lo < 0) | (hi >= num_timesteps) | (lo_p < -1) | (hi_p >= num_timesteps) | (t_prev >= t).any()):
+            # one sync on the way in; the details only when something is wrong
+            check_timesteps("t", t, batch, num_timesteps, x_t.device)
+            check_timesteps("t_prev", t_prev, batch, num_timesteps, x_t.device, low=-1)
+            raise ValueError("t_prev must be smaller than t for every sample")
 
 
 def check_group_norm(x, num_groups, weight, bias, add) -> None:

@@ -73,11 +73,46 @@ def use_triton(device: torch.device) -> bool:
     return mode == "triton" or device.type == "cuda" or (device.type == "cpu" and interpreter_on())
 
 
-def as_rows(x: torch.Tensor) -> torch.Tensor:
-    """x as a (B, N) view, N = all but the batch dim, whose rows the kernels walk with
-    (stride_b, stride_n). A view when the trailing dims collapse (contiguous, sliced along
-    the batch, expanded); a contiguous copy otherwise (e.g. channels_last)."""
+def row_order(x: torch.Tensor) -> list[int]:
+    """The order in which an elementwise kernel walks x's dims: the batch first, the others as
+    they lie in memory (largest stride first) when x is dense with the batch outermost, so that a
+    channels_last tensor is read in its own order without a copy; else the logical order."""
+    dims = list(range(1, x.ndim))
+    ordered = [0] + sorted(dims, key=lambda d: -x.stride(d))
+    if x.ndim > 1 and x.stride(0) >= max(x.stride(d) * x.shape[d] for d in dims) and _dense(x.permute(ordered)):
+        return ordered
+    return list(range(x.ndim))
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """x's elements fill one block of memory in row-major order (trailing dims collapse)."""
+    expected = 1
+    for size, stride in reversed(list(zip(x.shape[1:], x.stride()[1:]))):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def as_rows(x: torch.Tensor, order: list[int] | None = None) -> torch.Tensor:
+    """x as a (B, N) view, N = all but the batch dim in `order` (row_order of the op's main input),
+    whose rows the kernels walk with (stride_b, stride_n). A view when those dims collapse
+    (contiguous, channels_last, sliced along the batch, expanded); a copy otherwise."""
+    if order is not None and order != list(range(x.ndim)):
+        x = x.permute(order)
     return x.reshape(x.shape[0], -1)
+
+
+def elementwise_out(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, list[int]]:
+    """The output of an elementwise op led by x, in x's layout where row_order keeps it (so a
+    channels_last input gives a channels_last output), and the dim order to walk both in."""
+    order = row_order(x)
+    dtype = dtype or x.dtype
+    if order == list(range(x.ndim)):
+        return torch.empty(x.shape, dtype=dtype, device=x.device), order
+    inverse = sorted(range(x.ndim), key=lambda d: order[d])
+    out = torch.empty([x.shape[d] for d in order], dtype=dtype, device=x.device).permute(inverse)
+    return out, order
 
 
 def elementwise_block(n: int) -> int:

@@ -11,21 +11,28 @@ in two kernels, one over key blocks (dK, dV) and one over query blocks (dQ): no 
 deterministic.
 
 Contract
-- q, k: (B, H, L, d); v: (B, H, L, d_v); any strides (the U-Net passes transposed views);
-  L any length >= 1 (16, 49, 64, 256, 1024 ...), d and d_v from 1 to 256; float32, float16,
-  bfloat16, all three the same dtype, on one device. Output: (B, H, L, d_v), q's dtype.
-- Scores, softmax and accumulation in float32. float32 inputs multiply in IEEE float32, or
-  TF32 where torch.backends.cuda.matmul.allow_tf32 allows it for the eager matmul too.
+- q, k: (B, H, L, d); v: (B, H, L, d_v); any strides. The layout read best has the head dim
+  contiguous (token-major, as the U-Net's AttnBlock now produces q, k, v from one GEMM); the
+  transposed views of a conv output (L contiguous) also run, and compile without spills.
+  L any length >= 1, d and d_v from 1 to 256, any B * H (the grid is one flat axis); float32,
+  float16, bfloat16, all three the same dtype, on one device. Output: (B, H, L, d_v), q's dtype.
+- float16 / bfloat16 run on tensor cores (mma on sm_80, wgmma on sm_90 where Triton emits it);
+  tiles (BLOCK_M 64-128, 2-4 stages) are autotuned on a GPU over a short list pruned by head
+  dim and dtype, keyed on (L, d, d_v, the head-dim strides, dtype); the interpreter runs one
+  fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply in IEEE
+  float32, or TF32 where torch.backends.cuda.matmul.allow_tf32 allows it for the eager matmul too.
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
   exact in float32 and both accumulate in float32; P is rounded to bfloat16 before P V on
   both paths. So the interpreter tests check our bfloat16 kernel's arithmetic; the one part
   they cannot check is the hardware MMA itself.
+- A PyTorch custom op (ddpm_fast::attention, with a fake kernel and an autograd formula).
 - Tested under TRITON_INTERPRET=1 against the eager twin in float64: output, dq, dk, dv for
-  L in {16, 49, 64, 256}, d in {32, 64, 256}, batch 1 and 3, several heads, non-contiguous
-  inputs and upstream gradients; compiled for sm_80 and sm_90 at d = 64 and 256 without
-  spills and within shared memory.
+  L in {16, 49, 64, 256}, d in {32, 64, 256}, batch 1 and 3, several heads, the U-Net's
+  token-major q/k/v, transposed and strided inputs, non-contiguous upstream gradients and
+  B * H > 65,535; every autotune config compiles for sm_80 and sm_90 without spills and within
+  shared memory (python -m ddpm_fast.aot, tests/test_compile.py).
 
 FLOPs: forward 4 B H L^2 d (two matmuls), backward 10 B H L^2 d (five, one the recompute).
 Traffic: reads q, k, v once per query block and writes the output: O(B H L d), where the
@@ -61,19 +68,22 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     H, L, D, DV, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    # One flat grid: the query blocks of one (batch, head) are neighbours, so its K and V stay in L2.
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid_bh, pid_m = pid // num_m, pid % num_m
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
     q_mask = (offs_m < L)[:, None] & (offs_d < D)[None, :]
-    q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                mask=q_mask, other=0.0)  # fmt: skip
+    kT_ptrs = K_ptr + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+    v_ptrs = V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd
 
     # Running row max (base-2 units), running sum of exponentials and output accumulator.
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -81,17 +91,16 @@ def _attn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
-        kT = tl.load(k_base + kn[None, :] * stride_kl + offs_d[:, None] * stride_kd,
-                     mask=(kn < L)[None, :] & (offs_d < D)[:, None], other=0.0)  # fmt: skip
+        kT = tl.load(kT_ptrs + start_n * stride_kl, mask=(kn < L)[None, :] & (offs_d < D)[:, None], other=0.0)
         # s = q k^T * scale * log2(e): exp2 of it is exp of the scaled score.
         s = _mm(q, kT, DOT_F32, PRECISION) * qk_scale
-        s = tl.where((kn < L)[None, :], s, float("-inf"))
+        if not EVEN_N:
+            s = tl.where((kn < L)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + kn[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=(kn < L)[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+        v = tl.load(v_ptrs + start_n * stride_vl, mask=(kn < L)[:, None] & (offs_dv < DV)[None, :], other=0.0)
         acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_F32, PRECISION)
         m_i = m_new
 
@@ -109,7 +118,9 @@ def _attn_bwd_preprocess_kernel(
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):  # fmt: skip
     """delta = rowsum(dO * O) per query, in float32."""
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid_bh, pid_m = pid // num_m, pid % num_m
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -130,36 +141,40 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     H, L, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_n, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(L, BLOCK_N)
+    pid_bh, pid_n = pid // num_n, pid % num_n
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     n_valid = offs_n < L
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
     row_base = pid_bh.to(tl.int64) * L
     k = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
                 mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
     v = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
                 mask=n_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+    q_ptrs = Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
+    do_ptrs = DO_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
     for start_m in range(0, L, BLOCK_M):
         qm = start_m + offs_m
         m_valid = qm < L
-        q = tl.load(q_base + qm[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        do = tl.load(do_base + qm[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
-                     mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+        q = tl.load(q_ptrs + start_m * stride_ql, mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)
+        do = tl.load(do_ptrs + start_m * stride_dol, mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
         lse = tl.load(LSE_ptr + row_base + qm, mask=m_valid, other=0.0)
         delta = tl.load(DELTA_ptr + row_base + qm, mask=m_valid, other=0.0)
         # P recomputed from the saved log-sum-exp: no running max needed.
         s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
-        p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if EVEN_M:
+            p = tl.where(n_valid[None, :], p, 0.0)
+        else:
+            p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
         dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_F32, PRECISION)
         dp = _mm(do, tl.trans(v), DOT_F32, PRECISION)
         ds = p * (dp - delta[:, None])
@@ -180,9 +195,11 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     H, L, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    pid_m, pid_bh = tl.program_id(0), tl.program_id(1)
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(L, BLOCK_M)
+    pid_bh, pid_m = pid // num_m, pid % num_m
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -192,53 +209,168 @@ def _attn_bwd_dq_kernel(
     row_base = pid_bh.to(tl.int64) * L
     q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
                 mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
-    do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
-                 mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+    do_ptrs = DO_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
     lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA_ptr + row_base + offs_m, mask=m_valid, other=0.0)
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
+    k_ptrs = K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
+    vT_ptrs = V_ptr + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vl + offs_dv[:, None] * stride_vd
     dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
         n_valid = kn < L
-        k = tl.load(k_base + kn[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        vT = tl.load(v_base + kn[None, :] * stride_vl + offs_dv[:, None] * stride_vd,
-                     mask=n_valid[None, :] & (offs_dv < DV)[:, None], other=0.0)  # fmt: skip
+        k = tl.load(k_ptrs + start_n * stride_kl, mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)
+        vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :] & (offs_dv < DV)[:, None], other=0.0)
         s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
-        p = tl.where(m_valid[:, None] & n_valid[None, :], tl.exp2(s - lse[:, None]), 0.0)
+        p = tl.exp2(s - lse[:, None])
+        if not EVEN_N:
+            p = tl.where(n_valid[None, :], p, 0.0)
         ds = p * (_mm(do, vT, DOT_F32, PRECISION) - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, DOT_F32, PRECISION)
     tl.store(DQ_ptr + (row_base + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ_ptr.dtype.element_ty),
              mask=m_valid[:, None] & (offs_d < D)[None, :])  # fmt: skip
 
 
-# -- launchers ----------------------------------------------------------------------------
+# -- configurations: a short list per (dtype class, head dim, GPU generation), autotuned on a GPU ------
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). "half" runs on tensor cores; "float32" multiplies
+# in IEEE float32 on the FMA units (or TF32 on tensor cores where allowed), holding its tiles in
+# registers: smaller tiles. The list for a head dim (padded to a power of two, at least 64) holds
+# every configuration the autotuner may pick on that GPU generation: sm80 (A100, and any GPU
+# before Hopper) and sm90 (H100, and newer), which allocate registers differently (a tile that
+# fits one spills on the other). Each compiles without spills and within shared memory at the
+# U-Net's token-major layout and the transposed one, IEEE and TF32 for float32 (searched with
+# ddpm_fast.aot; tests/test_compile.py checks them all). The first entry is the fixed one used
+# where there is no autotuning.
+FWD_CONFIGS = {
+    "sm80": {
+        ("half", 64): [(128, 64, 8, 4), (128, 128, 8, 3), (64, 128, 4, 2)],
+        ("half", 128): [(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 3)],
+        ("half", 256): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
+        ("float32", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+        ("float32", 128): [(64, 32, 8, 2), (32, 32, 4, 2)],
+        ("float32", 256): [(32, 32, 8, 2), (64, 16, 8, 2), (32, 16, 4, 2)],
+    },
+    "sm90": {
+        ("half", 64): [(128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
+        ("half", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3)],
+        ("half", 256): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
+        ("float32", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
+        ("float32", 128): [(32, 64, 8, 2), (32, 16, 4, 2)],
+        ("float32", 256): [(32, 16, 8, 1), (16, 64, 8, 1), (16, 16, 4, 1)],
+    },
+}
+# Backward: the dK/dV kernel (BLOCK_N keys per program, looping over BLOCK_M queries) and the dQ
+# kernel (BLOCK_M queries per program, looping over BLOCK_N keys); BLOCK_M >= 64 where it fits.
+DKDV_CONFIGS = {
+    "sm80": {
+        ("half", 64): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 8, 2)],
+        ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
+        ("half", 256): [(64, 32, 8, 1), (32, 64, 8, 1)],
+        ("float32", 64): [(32, 64, 4, 1), (64, 64, 8, 1)],
+        ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1)],
+        ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    },
+    "sm90": {
+        ("half", 64): [(64, 64, 8, 2), (64, 128, 8, 2), (64, 64, 4, 3)],
+        ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
+        ("half", 256): [(32, 64, 8, 1)],
+        ("float32", 64): [(32, 32, 8, 1), (16, 32, 4, 1)],
+        ("float32", 128): [(32, 16, 8, 1), (16, 16, 4, 1)],
+        ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+    },
+}
+DQ_CONFIGS = {
+    "sm80": {
+        ("half", 64): [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
+        ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
+        ("half", 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
+        ("float32", 64): [(64, 32, 8, 1), (32, 32, 4, 1)],
+        ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1)],
+        ("float32", 256): [(16, 16, 4, 1)],
+    },
+    "sm90": {
+        ("half", 64): [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
+        ("half", 128): [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
+        ("half", 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
+        ("float32", 64): [(64, 32, 8, 1), (32, 32, 8, 1)],
+        ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1)],
+        ("float32", 256): [(16, 32, 8, 2), (16, 16, 4, 2)],
+    },
+}
 
 
 def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs K >= 16
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) by head dim (padded), for the forward and the
-# backward. float32 multiplies on the FMA units (no tensor cores in IEEE mode), which holds
-# the tiles in registers: its tiles differ. Each entry compiles for sm_80 and sm_90 without
-# spills and within shared memory (tests/test_compile.py checks them all through ddpm_fast.aot).
-_CONFIGS = {
-    # dtype class, backward: {max head dim: config}
-    ("half", False): {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (64, 32, 8, 1)},
-    ("half", True): {64: (32, 64, 4, 1), 128: (32, 32, 4, 1), 256: (16, 32, 8, 1)},
-    ("float32", False): {32: (64, 32, 4, 2), 64: (32, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
-    ("float32", True): {128: (32, 32, 4, 1), 256: (16, 32, 4, 1)},
-}
+def _arch() -> str:
+    """The tables' GPU generation for the target Triton compiles for: "sm90" from Hopper on, else
+    "sm80"; the interpreter runs the sm80 tiles."""
+    if interpreter_on():
+        return "sm80"
+    from triton.runtime import driver
+
+    return "sm90" if driver.active.get_current_target().arch >= 90 else "sm80"
 
 
-def _config(block_d: int, dtype: torch.dtype, backward: bool) -> dict:
-    table = _CONFIGS["float32" if dtype == torch.float32 else "half", backward]
-    m, n, warps, stages = table[min(d for d in table if d >= block_d)]
+def _table_key(dtype: torch.dtype, block_d: int) -> tuple[str, int]:
+    return ("float32" if dtype == torch.float32 else "half", max(64, block_d))
+
+
+def _configs(tables) -> list:
+    """Every entry of every table as a triton.Config, tagged with the table it belongs to."""
+    out = []
+    for arch, table in tables.items():
+        for key, entries in table.items():
+            for m, n, warps, stages in entries:
+                config = triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
+                config.table = (arch, *key)
+                out.append(config)
+    return out
+
+
+def _pruner(tables):
+    def prune(configs, named_args, **kwargs):
+        key = (_arch(), *_table_key(named_args["Q_ptr"].dtype, max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])))
+        return [c for c in configs if c.table == key]
+
+    return prune
+
+
+def _fixed(tables, dtype: torch.dtype, block_d: int) -> dict:
+    m, n, warps, stages = tables[_arch()][_table_key(dtype, block_d)][0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
+
+
+_TUNING_KEY = ["L", "D", "DV", "stride_qd", "stride_kd", "stride_vd"]
+_attn_fwd = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel)
+_attn_dkdv = triton.heuristics({"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0})(_attn_bwd_dkdv_kernel)
+_attn_dq = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_attn_bwd_dq_kernel)
+
+
+def _autotuned(kernel, tables):
+    return triton.autotune(_configs(tables), key=_TUNING_KEY, prune_configs_by={"early_config_prune": _pruner(tables)})(
+        kernel
+    )
+
+
+_attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS)
+_attn_dkdv_tuned = _autotuned(_attn_dkdv, DKDV_CONFIGS)
+_attn_dq_tuned = _autotuned(_attn_dq, DQ_CONFIGS)
+
+
+def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
+    """Launch over a flat grid of `programs(BLOCK)` programs: autotuned on a GPU, one fixed
+    tile under the interpreter."""
+    if interpreter_on():
+        cfg = _fixed(table, dtype, block_d)
+        fixed_fn[(programs(cfg),)](*args, **meta, **cfg)
+    else:
+        tuned_fn[lambda cfg: (programs(cfg),)](*args, **meta)
+
+
+# -- launchers ----------------------------------------------------------------------------------------
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
@@ -254,13 +386,12 @@ def attention_fwd(q, k, v, scale):
     lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
     if o.numel() == 0:
         return o, lse
-    cfg = _config(max(_block_d(D), _block_d(DV)), q.dtype, backward=False)
     dot_f32, precision = _precision(q.dtype)
-    grid = (triton.cdiv(L, cfg["BLOCK_M"]), B * H)
-    _attn_fwd_kernel[grid](
-        q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), H, L, D, DV, scale * LOG2E,
-        BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV), DOT_F32=dot_f32, PRECISION=precision, **cfg,
-    )  # fmt: skip
+    block_d, block_dv = _block_d(D), _block_d(DV)
+    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), H, L, D, DV, scale * LOG2E)
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
+    _launch(_attn_fwd, _attn_fwd_tuned, FWD_CONFIGS, q.dtype, max(block_d, block_dv),
+            lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_M"]), args, meta)  # fmt: skip
     return o, lse
 
 
@@ -268,49 +399,87 @@ def attention_bwd(do, q, k, v, o, lse, scale):
     B, H, L, D = q.shape
     DV = v.shape[-1]
     dq = torch.empty(B, H, L, D, dtype=q.dtype, device=q.device)
-    dk = torch.empty_like(dq)
+    dk = torch.empty(B, H, L, D, dtype=k.dtype, device=q.device)
     dv = torch.empty(B, H, L, DV, dtype=v.dtype, device=q.device)
     if dq.numel() == 0:
         return dq, dk, dv
     delta = torch.empty_like(lse)
-    _attn_bwd_preprocess_kernel[(triton.cdiv(L, 64), B * H)](
-        o, do, delta, *do.stride(), H, L, DV, BLOCK_M=64, BLOCK_DV=_block_d(DV), num_warps=4,
+    block_d, block_dv = _block_d(D), _block_d(DV)
+    _attn_bwd_preprocess_kernel[(B * H * triton.cdiv(L, 64),)](
+        o, do, delta, *do.stride(), H, L, DV, BLOCK_M=64, BLOCK_DV=block_dv, num_warps=4,
     )  # fmt: skip
-    cfg = _config(max(_block_d(D), _block_d(DV)), q.dtype, backward=True)
     dot_f32, precision = _precision(q.dtype)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, L, D, DV, scale * LOG2E, scale)
-    meta = dict(BLOCK_D=_block_d(D), BLOCK_DV=_block_d(DV), DOT_F32=dot_f32, PRECISION=precision, **cfg)
-    _attn_bwd_dkdv_kernel[(triton.cdiv(L, cfg["BLOCK_N"]), B * H)](q, k, v, do, lse, delta, dk, dv, *args, **meta)
-    _attn_bwd_dq_kernel[(triton.cdiv(L, cfg["BLOCK_M"]), B * H)](q, k, v, do, lse, delta, dq, *args, **meta)
+    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
+    bd = max(block_d, block_dv)
+    _launch(_attn_dkdv, _attn_dkdv_tuned, DKDV_CONFIGS, q.dtype, bd, lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_N"]),
+            (q, k, v, do, lse, delta, dk, dv, *args), meta)  # fmt: skip
+    _launch(_attn_dq, _attn_dq_tuned, DQ_CONFIGS, q.dtype, bd, lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_M"]),
+            (q, k, v, do, lse, delta, dq, *args), meta)  # fmt: skip
     return dq, dk, dv
 
 
-class AttentionFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale):
-        o, lse = attention_fwd(q, k, v, scale)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale = scale
-        return o
+# -- the custom op: its path, fake (meta) kernel and autograd formula ---------------------------------
 
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        dq, dk, dv = attention_bwd(do, q, k, v, o, lse, ctx.scale)
-        return dq, dk, dv, None
+
+@torch.library.custom_op("ddpm_fast::attention", mutates_args=())
+def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(o, lse): the Triton kernel, or its eager twin where Triton does not run."""
+    if use_triton(q.device):
+        return attention_fwd(q, k, v, scale)
+    o, lse = reference.attention_fwd(q, k, v, scale)
+    return o.contiguous(), lse.contiguous()
+
+
+@attention_op.register_fake
+def _(q, k, v, scale):
+    B, H, L, _ = q.shape
+    return q.new_empty(B, H, L, v.shape[-1]), q.new_empty(B, H, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("ddpm_fast::attention_backward", mutates_args=())
+def attention_backward_op(
+    do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    if use_triton(q.device):
+        return attention_bwd(do, q, k, v, o, lse, scale)
+    return tuple(g.contiguous() for g in reference.attention_bwd(do, q, k, v, o, lse, scale))
+
+
+@attention_backward_op.register_fake
+def _(do, q, k, v, o, lse, scale):
+    return q.new_empty(q.shape), k.new_empty(q.shape), v.new_empty(v.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale = scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = attention_backward_op(do, q, k, v, o, lse, ctx.scale)
+    return dq, dk, dv, None
+
+
+attention_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the functional entry point -----------------------------------------------------------------------
 
 
 def attention(q, k, v, scale=None):
     """Fused twin of ddpm_fast.reference.attention (same signature, same result)."""
-    if not use_triton(q.device):
-        return reference.attention(q, k, v, scale)
     checks.check_attention(q, k, v)
     for name, x in (("q", q), ("v", v)):
         if not 1 <= x.shape[-1] <= MAX_HEAD_DIM:
             raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[-1]}")
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise TypeError(f"scale must be a finite number, got {scale!r}")
-    return AttentionFunction.apply(q, k, v, float(scale))
+    return attention_op(q, k, v, float(scale))[0]

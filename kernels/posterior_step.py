@@ -13,17 +13,25 @@ DDIM (Song et al. 2021, eq. 12), abar_prev = abar[t_prev] or 1 where t_prev = -1
 
 Contract
 - x_t, model_output, noise: any shape (B, ...), float32, float16 or bfloat16, any strides;
-  t (and t_prev): integer (B,); schedule buffers float32 (T,). Output: x_t's dtype, contiguous.
-  Arithmetic in float32, one rounding at the store.
-- z is the `noise` tensor when given (the result then matches the eager twin up to
-  rounding), else drawn inside the kernel by Philox from a seed drawn from `generator` (or
-  torch's default generator) on the device, at offset b * N + n: the noise tensor is never
-  written or read, the seed never goes to the host, and each call gets a fresh seed.
+  t (and t_prev): integer (B,), checked once at the call (one host sync) unless check_t=False,
+  and clamped into the schedule by every gather either way (no value reads out of bounds);
+  schedule buffers float32 (T,). Output: x_t's dtype and layout (channels_last stays so). Arithmetic in float32, one
+  rounding at the store.
+- z: the `noise` tensor when given, else drawn with torch.randn from `generator` (torch's
+  default when None) in the same order as the eager twin, so fused and eager sampling give the
+  same images for the same generator. noise_source="philox" instead draws z inside the kernel
+  (Philox, key = a seed drawn on the device from the generator, counter = b * N + n): the noise
+  tensor is never written or read, the seed never goes to the host, each call gets a fresh seed;
+  reproducible with itself only (not with torch's stream).
+- DDIM: eps is the model's own (use_clipped_model_output=False, diffusers' default) or recomputed
+  from the clipped x_0 (True, as GLIDE); t_prev < 0 means the last step, abar_prev = 1.
 - Sampling ops: no backward kernel. Where a gradient is required, the step runs the eager
   twin, whose autograd gives the correct gradient.
+- PyTorch custom ops (ddpm_fast::posterior_step, ddpm_fast::ddim_step, with fake kernels):
+  torch.compile traces through them, CUDA graphs capture them.
 - Tested under TRITON_INTERPRET=1 against ddpm_fast.reference.posterior_step / ddim_step for
-  every prediction type, both variances, dtypes, odd and non-contiguous inputs; compiled
-  for sm_80/sm_90.
+  every prediction type, both variances, both eps conventions, dtypes, odd and non-contiguous
+  inputs; compiled for sm_80/sm_90.
 
 Traffic per element (float32, bytes). DDPM step, fused: reads x_t, the model output and z,
 writes x_{t-1}: 16 (12 with in-kernel noise, where the eager path also pays 4 to write z).
@@ -39,7 +47,7 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import as_rows, elementwise_block, interpreter_on, use_triton
+from ddpm_fast.kernels._common import as_rows, elementwise_block, elementwise_out, interpreter_on, use_triton
 
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 
@@ -88,7 +96,7 @@ def _load_noise(NOISE_ptr, SEED_ptr, b, cols, N, stride_zb, stride_zn, mask, HAS
 def _posterior_step_kernel(
     X_ptr, OUT_ptr, NOISE_ptr, SEED_ptr, T_ptr,
     SR_ptr, SRM1_ptr, COEF1_ptr, COEF2_ptr, LOGVAR_ptr, Y_ptr,
-    N, blocks_per_row,
+    N, blocks_per_row, T,
     stride_xb, stride_xn, stride_ob, stride_on, stride_zb, stride_zn, stride_t,
     PRED: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, FAST_TRIG: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -97,8 +105,8 @@ def _posterior_step_kernel(
     b = (pid // blocks_per_row).to(tl.int64)
     cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    # Per-sample coefficients, gathered once by this sample's timestep.
-    t = tl.load(T_ptr + b * stride_t)
+    # Per-sample coefficients, gathered once by this sample's timestep (clamped into [0, T)).
+    t = tl.minimum(tl.maximum(tl.load(T_ptr + b * stride_t), 0), T - 1)
     sr = tl.load(SR_ptr + t)
     srm1 = tl.load(SRM1_ptr + t)
     c1 = tl.load(COEF1_ptr + t)
@@ -116,26 +124,35 @@ def _posterior_step_kernel(
 @triton.jit
 def _ddim_step_kernel(
     X_ptr, OUT_ptr, NOISE_ptr, SEED_ptr, T_ptr, TPREV_ptr, AC_ptr, Y_ptr,
-    eta, N, blocks_per_row,
+    eta, N, blocks_per_row, T,
     stride_xb, stride_xn, stride_ob, stride_on, stride_zb, stride_zn, stride_t, stride_tp,
-    PRED: tl.constexpr, CLIP: tl.constexpr, STOCHASTIC: tl.constexpr, HAS_NOISE: tl.constexpr,
-    FAST_TRIG: tl.constexpr, BLOCK: tl.constexpr,
+    PRED: tl.constexpr, CLIP: tl.constexpr, CLIPPED_EPS: tl.constexpr, STOCHASTIC: tl.constexpr,
+    HAS_NOISE: tl.constexpr, FAST_TRIG: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // blocks_per_row).to(tl.int64)
     cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < N
-    t = tl.load(T_ptr + b * stride_t)
-    t_prev = tl.load(TPREV_ptr + b * stride_tp)
+    t = tl.minimum(tl.maximum(tl.load(T_ptr + b * stride_t), 0), T - 1)
+    t_prev = tl.minimum(tl.load(TPREV_ptr + b * stride_tp), T - 1)
     abar = tl.load(AC_ptr + t)
     abar_prev = tl.where(t_prev >= 0, tl.load(AC_ptr + tl.maximum(t_prev, 0)), 1.0)
     sr = 1.0 / tl.sqrt(abar)
     srm1 = tl.sqrt(1.0 / abar - 1.0)
     x = tl.load(X_ptr + b * stride_xb + cols * stride_xn, mask=mask).to(tl.float32)
     out = tl.load(OUT_ptr + b * stride_ob + cols * stride_on, mask=mask).to(tl.float32)
-    # x_0 (clipped), then the eps it implies, then eq. 12.
-    x0 = _predict_x0(x, out, sr, srm1, PRED, CLIP)
-    eps = (sr * x - x0) / srm1
+    # x_0 (clipped), the eps that goes with it, then eq. 12.
+    x0_raw = _predict_x0(x, out, sr, srm1, PRED, False)
+    if CLIP:
+        x0 = tl.minimum(tl.maximum(x0_raw, -1.0), 1.0)
+    else:
+        x0 = x0_raw
+    if CLIPPED_EPS:
+        eps = (sr * x - x0) / srm1
+    elif PRED == 0:
+        eps = out
+    else:
+        eps = (sr * x - x0_raw) / srm1
     sigma = eta * tl.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
     y = tl.sqrt(abar_prev) * x0 + tl.sqrt(tl.maximum(1.0 - abar_prev - sigma * sigma, 0.0)) * eps
     if STOCHASTIC:
@@ -151,54 +168,131 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device)
 
 
-def _launch_args(x_t, model_output, noise, generator):
+def _launch_args(x_t, model_output, noise, seed, order):
     """(B, N) views of the inputs, the noise (or seed) pointers and strides, the grid."""
-    x2, o2 = as_rows(x_t), as_rows(model_output)
+    x2, o2 = as_rows(x_t, order), as_rows(model_output, order)
     B, N = x2.shape
-    if noise is not None:
-        z2, seed = as_rows(noise), x2  # seed pointer unused
-    else:
-        z2, seed = x2, draw_seed(generator, x_t.device)  # noise pointer unused
+    z2 = as_rows(noise, order) if noise is not None else x2  # noise pointer unused without noise
+    seed = seed if seed is not None else x2  # seed pointer unused with a noise tensor
     block = elementwise_block(N)
     blocks_per_row = triton.cdiv(N, block)
     strides = (x2.stride(0), x2.stride(1), o2.stride(0), o2.stride(1), z2.stride(0), z2.stride(1))
     return x2, o2, z2, seed, N, block, blocks_per_row, (B * blocks_per_row,), strides
 
 
-def posterior_step_fwd(x_t, model_output, t, noise, buffers, prediction_type, clip_denoised, generator):
-    y = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised):
+    y, order = elementwise_out(x_t)
     if y.numel() == 0:
         return y
-    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, generator)
+    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, seed, order)
     _posterior_step_kernel[grid](
-        x2, o2, z2, seed, t, *buffers, y,
-        N, blocks_per_row, *strides, t.stride(0),
+        x2, o2, z2, seed, t, *buffers, as_rows(y, order),
+        N, blocks_per_row, buffers[0].shape[0], *strides, t.stride(0),
         PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=noise is not None,
         FAST_TRIG=not interpreter_on(), BLOCK=block, num_warps=4,
     )  # fmt: skip
     return y
 
 
-def ddim_step_fwd(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, clip_denoised,
-                  generator):  # fmt: skip
-    y = torch.empty(x_t.shape, dtype=x_t.dtype, device=x_t.device)
+def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type, clip_denoised,
+                  use_clipped_model_output):  # fmt: skip
+    y, order = elementwise_out(x_t)
     if y.numel() == 0:
         return y
-    stochastic = eta > 0
-    if not stochastic:
-        noise = x_t  # never read (no noise term at eta = 0), and no seed drawn from the generator
-    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, generator)
+    stochastic = noise is not None or seed is not None
+    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, seed, order)
     _ddim_step_kernel[grid](
-        x2, o2, z2, seed, t, t_prev, alphas_cumprod, y,
-        float(eta), N, blocks_per_row, *strides, t.stride(0), t_prev.stride(0),
-        PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), STOCHASTIC=stochastic,
-        HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(), BLOCK=block, num_warps=4,
+        x2, o2, z2, seed, t, t_prev, alphas_cumprod, as_rows(y, order),
+        float(eta), N, blocks_per_row, alphas_cumprod.shape[0], *strides, t.stride(0), t_prev.stride(0),
+        PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), CLIPPED_EPS=bool(use_clipped_model_output),
+        STOCHASTIC=stochastic, HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(), BLOCK=block,
+        num_warps=4,
     )  # fmt: skip
     return y
 
 
+# -- the custom ops: their path and fake (meta) kernels -----------------------------------------------
+
+
+def _eager_noise(x_t, noise, seed):
+    """The noise the eager twin adds: the given tensor, or (the in-kernel Philox stream asked for
+    where Triton does not run) torch's normals seeded from the seed: a host sync, fallback only."""
+    if noise is not None or seed is None:
+        return noise
+    generator = torch.Generator(x_t.device).manual_seed(int(seed.item()))
+    return torch.randn(x_t.shape, generator=generator, device=x_t.device)
+
+
+@torch.library.custom_op("ddpm_fast::posterior_step", mutates_args=())
+def posterior_step_op(
+    x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
+    seed: torch.Tensor | None, sqrt_recip_alphas_cumprod: torch.Tensor, sqrt_recipm1_alphas_cumprod: torch.Tensor,
+    posterior_mean_coef1: torch.Tensor, posterior_mean_coef2: torch.Tensor, posterior_log_variance: torch.Tensor,
+    prediction_type: str, clip_denoised: bool,
+) -> torch.Tensor:  # fmt: skip
+    """One DDPM step; z from `noise`, or from Philox keyed by `seed` (one of the two is given)."""
+    buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
+               posterior_log_variance)  # fmt: skip
+    if use_triton(x_t.device):
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised)
+    z = _eager_noise(x_t, noise, seed)
+    out = reference.posterior_step(x_t, model_output, t, z, *buffers, prediction_type, clip_denoised, check_t=False)
+    return elementwise_out(x_t)[0].copy_(out)
+
+
+@posterior_step_op.register_fake
+def _(x_t, model_output, t, noise, seed, *buffers_and_options):
+    return elementwise_out(x_t)[0]
+
+
+@torch.library.custom_op("ddpm_fast::ddim_step", mutates_args=())
+def ddim_step_op(
+    x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, t_prev: torch.Tensor, noise: torch.Tensor | None,
+    seed: torch.Tensor | None, alphas_cumprod: torch.Tensor, eta: float, prediction_type: str, clip_denoised: bool,
+    use_clipped_model_output: bool,
+) -> torch.Tensor:  # fmt: skip
+    """One DDIM step; z from `noise` or Philox keyed by `seed`, none when both are None (eta = 0)."""
+    if use_triton(x_t.device):
+        return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type,
+                             clip_denoised, use_clipped_model_output)  # fmt: skip
+    z = _eager_noise(x_t, noise, seed)
+    out = reference.ddim_step(
+        x_t,
+        model_output,
+        t,
+        t_prev,
+        z,
+        alphas_cumprod,
+        eta if z is not None else 0.0,
+        prediction_type,
+        clip_denoised,
+        None,
+        use_clipped_model_output,
+        check_t=False,
+    )
+    return elementwise_out(x_t)[0].copy_(out)
+
+
+@ddim_step_op.register_fake
+def _(x_t, model_output, t, t_prev, noise, seed, *buffers_and_options):
+    return elementwise_out(x_t)[0]
+
+
+# -- the functional entry points ----------------------------------------------------------------------
+
+
 def _wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+
+
+def _noise_or_seed(x_t, noise, generator, noise_source):
+    """(noise, seed): the given noise; else torch's normals from the generator (the default, the
+    eager twin's stream) or, for noise_source="philox" where the kernel runs, a seed for it."""
+    if noise is not None:
+        return noise, None
+    if noise_source == "philox" and use_triton(x_t.device):
+        return None, draw_seed(generator, x_t.device)
+    return reference.draw_noise(x_t, None, generator), None
 
 
 def posterior_step(
@@ -214,16 +308,20 @@ def posterior_step(
     prediction_type="epsilon",
     clip_denoised=True,
     generator=None,
+    noise_source="torch",
+    check_t=True,
 ):
     """Fused twin of ddpm_fast.reference.posterior_step (same signature)."""
     buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
                posterior_log_variance)  # fmt: skip
-    if not use_triton(x_t.device) or _wants_grad(x_t, model_output):
+    if _wants_grad(x_t, model_output):
         return reference.posterior_step(x_t, model_output, t, noise, *buffers, prediction_type, clip_denoised,
-                                        generator)  # fmt: skip
-    checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers)
+                                        generator, noise_source, check_t)  # fmt: skip
+    checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=check_t)
+    checks.check_noise_source(noise_source)
+    noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
     buffers = tuple(b.float().contiguous() for b in buffers)
-    return posterior_step_fwd(x_t, model_output, t, noise, buffers, prediction_type, clip_denoised, generator)
+    return posterior_step_op(x_t, model_output, t, noise, seed, *buffers, prediction_type, bool(clip_denoised))
 
 
 def ddim_step(
@@ -237,11 +335,17 @@ def ddim_step(
     prediction_type="epsilon",
     clip_denoised=True,
     generator=None,
+    use_clipped_model_output=False,
+    noise_source="torch",
+    check_t=True,
 ):
     """Fused twin of ddpm_fast.reference.ddim_step (same signature)."""
-    if not use_triton(x_t.device) or _wants_grad(x_t, model_output):
+    if _wants_grad(x_t, model_output):
         return reference.ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
-                                   clip_denoised, generator)  # fmt: skip
-    checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type)
-    return ddim_step_fwd(x_t, model_output, t, t_prev, noise, alphas_cumprod.float().contiguous(), eta,
-                         prediction_type, clip_denoised, generator)  # fmt: skip
+                                   clip_denoised, generator, use_clipped_model_output, noise_source,
+                                   check_t)  # fmt: skip
+    checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, check_t)
+    checks.check_noise_source(noise_source)
+    noise, seed = _noise_or_seed(x_t, noise, generator, noise_source) if eta > 0 else (None, None)
+    return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod.float().contiguous(), float(eta),
+                        prediction_type, bool(clip_denoised), bool(use_clipped_model_output))  # fmt: skip

@@ -21,6 +21,8 @@ def attention64(q, k, v, scale=None):
 def qkv(B, H, L, d, dtype, layout="contiguous"):
     if layout == "contiguous":
         return [torch.randn(B, H, L, d).to(dtype) for _ in range(3)]
+    if layout == "token_major":  # what the U-Net's AttnBlock passes: slices of one (B, L, 3 d) GEMM output
+        return [t.unsqueeze(1) for t in torch.randn(B, L, 3 * d).to(dtype).chunk(3, dim=-1)]
     if layout == "transposed":  # what the U-Net passes: (B, 1, C, HW) viewed as (B, 1, HW, C)
         return [torch.randn(B, H, d, L).to(dtype).transpose(-1, -2) for _ in range(3)]
     if layout == "strided":  # every other token, head dim not innermost
@@ -67,6 +69,15 @@ def test_half_dtypes(shape, dtype):
     (its bfloat16 tl.dot is wrong); see the contract in kernels/attention.py."""
     q, k, v = qkv(*shape, dtype)
     check(q, k, v, torch.randn(shape), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_the_unets_own_layout(dtype):
+    """q, k, v as the fused AttnBlock produces them: views of one (B, HW, 3C) tensor, head dim
+    contiguous, row stride 3C; the paper's 16x16 map at a reduced width."""
+    q, k, v = qkv(2, 1, 256, 64, dtype, "token_major")
+    assert q.stride() == (256 * 192, 256 * 192, 192, 1)
+    check(q, k, v, torch.randn(2, 1, 256, 64), dtype)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "strided"])

@@ -82,8 +82,8 @@ def test_forward_and_backward_match_float64(shape, dtype, with_add):
 def test_every_forward_path(split, monkeypatch):
     """One kernel (split 0), and statistics over 1, 3 or 8 chunks of each group then the apply."""
     G, x, w, b, a = inputs((2, 16, 12, 10, 4), torch.float32)
-    real = gn_module.group_norm_silu_fwd
-    monkeypatch.setattr(gn_module, "group_norm_silu_fwd", lambda *args: real(*args, split=split))
+    real = gn_module.group_norm_act_fwd
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real(*args, split=split))
     grad = torch.randn(x.shape)
     assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
                    torch.float32)  # fmt: skip
@@ -107,8 +107,8 @@ def test_backward_over_groups_larger_than_a_tile(monkeypatch):
 @pytest.mark.parametrize("split", [0, 2])
 def test_large_mean_small_spread_stays_accurate(split, monkeypatch):
     """mean 1e3, std 1e-2: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
-    real = gn_module.group_norm_silu_fwd
-    monkeypatch.setattr(gn_module, "group_norm_silu_fwd", lambda *args: real(*args, split=split))
+    real = gn_module.group_norm_act_fwd
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real(*args, split=split))
     G, x, w, b, a = inputs((2, 64, 8, 8, 32), torch.float32, with_add=False, loc=1e3, scale=1e-2)
     grad = torch.randn(x.shape)
     fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
@@ -148,6 +148,109 @@ def test_non_contiguous_input():
     grad = torch.randn(x.shape)
     assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
                    torch.float32)  # fmt: skip
+
+
+@pytest.mark.parametrize("add_kind", ["column_slice", "expanded", "transposed"])
+def test_non_contiguous_add_is_read_with_its_strides(add_kind):
+    """The time embedding's add as the U-Net may hand it over: a column slice of a wider
+    projection, one row broadcast over the batch, a transposed view."""
+    G, x, w, b, _ = inputs((3, 6, 5, 7, 3), torch.float32, with_add=False)
+    if add_kind == "column_slice":
+        a = torch.randn(3, 10)[:, 2:8]
+    elif add_kind == "expanded":
+        a = torch.randn(1, 6).expand(3, 6)
+    else:
+        a = torch.randn(6, 3).t()
+    assert not a.is_contiguous()
+    grad = torch.randn(x.shape)
+    fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    assert_matches(fused, run(eager64, G, x, w, b, a, grad, double=True), torch.float32)
+
+
+def group_norm64(x, G, w, b, eps, a=None):
+    return F.group_norm(x, G, w, b, eps)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_without_the_activation(dtype, memory_format):
+    """The attention block's GroupNorm: the same kernels with SiLU off."""
+    G, x, w, b, _ = inputs((2, 32, 6, 5, 8), dtype, with_add=False, memory_format=memory_format)
+    grad = torch.randn(x.shape)
+    op = lambda x, G, w, b, eps, a: kernels.group_norm(x, G, w, b, eps)  # noqa: E731
+    fused = run(op, G, x, w, b, None, grad)
+    assert fused[0].is_contiguous(memory_format=memory_format)
+    assert_matches(fused, run(group_norm64, G, x, w, b, None, grad, double=True), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8, 32), (3, 24, 5, 7, 4), (2, 48, 4, 4, 16)], ids=str)
+def test_channels_last_is_read_nhwc_native(shape, dtype, monkeypatch):
+    """NHWC: several groups per program so that a pixel's slice is long; no layout copy of x,
+    y, dy or dx; every plan (groups in one tile, split statistics, looped backward) exact."""
+    G, x, w, b, a = inputs(shape, dtype, memory_format=torch.channels_last)
+    C = shape[1]
+    assert gn_module.group_block(G, C // G, shape[2] * shape[3], 1, x.element_size()) > 1
+    grad = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
+    reshapes = []
+    real = gn_module._as_bchw
+    monkeypatch.setattr(gn_module, "_as_bchw", lambda t: reshapes.append(real(t).data_ptr() == t.data_ptr()) or real(t))
+    fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
+    assert all(reshapes) and len(reshapes) == 5  # x, y forward; x, dy, dx backward: views, not copies
+    assert fused[0].is_contiguous(memory_format=torch.channels_last)
+    assert fused[1].is_contiguous(memory_format=torch.channels_last)
+    expected = run(eager64, G, x, w, b, a, grad, double=True)
+    assert_matches(fused, expected, dtype)
+    monkeypatch.setattr(gn_module, "MAX_TILE_BWD", 64)  # the looped backward, several groups per program
+    real_fwd = gn_module.group_norm_act_fwd
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real_fwd(*args, split=3))
+    assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), expected, dtype)
+
+
+def test_every_unet_group_stays_on_chip_in_the_backward():
+    """Every GroupNorm of the paper's U-Net, NCHW and NHWC, fp32 and half: forward and backward
+    hold the whole group (block) in one tile, so x and dy are read once."""
+    from ddpm_fast.aot import UNET_GROUP_NORMS
+
+    for channels, size in UNET_GROUP_NORMS:
+        cpg, hw = channels // 32, size * size
+        for stride_c in (hw, 1):
+            for element_size in (4, 2):
+                gb = gn_module.group_block(32, cpg, hw, stride_c, element_size)
+                for max_tile in (gn_module.MAX_TILE_FWD, gn_module.MAX_TILE_BWD):
+                    block_c, block_hw = gn_module._tile(gb, cpg, hw, max_tile)
+                    assert block_hw >= hw, (channels, size, stride_c, element_size)
+
+
+def test_backward_reduces_the_parameter_gradients_in_one_kernel(monkeypatch):
+    """dgamma and dbeta: one small deterministic kernel for both, no torch.sum launches."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: list = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.append(func._schema.name)
+            return func(*args, **(kwargs or {}))
+
+    G, x, w, b, a = inputs((3, 16, 6, 6, 4), torch.float32)
+    x, w, b, a = (t.requires_grad_() for t in (x, w, b, a))
+    y = kernels.group_norm_silu(x, G, w, b, 1e-5, add=a)
+    launches = []
+    real = gn_module._gn_param_grad_kernel
+    monkeypatch.setattr(
+        gn_module,
+        "_gn_param_grad_kernel",
+        type(
+            "K",
+            (),
+            {"__getitem__": lambda self, grid: lambda *args, **kw: launches.append(grid) or real[grid](*args, **kw)},
+        )(),
+    )
+    with Ops() as mode:
+        y.backward(torch.randn(y.shape))
+    assert not [n for n in mode.seen if n.endswith(("sum", "sum.dim_IntList"))], mode.seen
+    assert len(launches) == 1 and w.grad is not None and b.grad is not None
 
 
 def test_backward_is_deterministic():

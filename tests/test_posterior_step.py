@@ -80,9 +80,10 @@ def in_kernel_noise(n, shape=(3, 64, 64), t=500, generator=None, op="posterior_s
     x = torch.zeros(n, *shape)
     tt = torch.full((n,), t)
     if op == "posterior_step":
-        y = kernels.posterior_step(x, x, tt, None, *bufs, clip_denoised=False, generator=generator)
+        y = kernels.posterior_step(x, x, tt, None, *bufs, clip_denoised=False, generator=generator,
+                                   noise_source="philox")  # fmt: skip
         return y / torch.exp(0.5 * bufs[-1][t])
-    y = kernels.ddim_step(x, x, tt, tt - 1, None, ac, 1.0, generator=generator)
+    y = kernels.ddim_step(x, x, tt, tt - 1, None, ac, 1.0, generator=generator, noise_source="philox")
     a, ap = ac[t].double(), ac[t - 1].double()
     return y / ((1 - ap) / (1 - a) * (1 - a / ap)).sqrt().float()
 
@@ -107,8 +108,59 @@ def test_each_step_draws_fresh_noise_and_only_where_t_is_positive():
     bufs, _ = buffers()
     x = torch.randn(2, 3, 5, 5)
     t0 = torch.zeros(2, dtype=torch.long)
-    y = kernels.posterior_step(x, x, t0, None, *bufs)
-    torch.testing.assert_close(y, reference.posterior_step(x, x, t0, torch.zeros_like(x), *bufs))
+    for source in ("torch", "philox"):
+        y = kernels.posterior_step(x, x, t0, None, *bufs, noise_source=source)
+        torch.testing.assert_close(y, reference.posterior_step(x, x, t0, torch.zeros_like(x), *bufs))
+
+
+@pytest.mark.parametrize("op", ["posterior_step", "ddim_step"])
+def test_default_noise_is_torchs_stream_as_the_eager_twin_draws_it(op):
+    """No noise passed: both paths draw z = torch.randn from the generator, in the same order,
+    so the fused step gives the eager step's result (DDPM and FastDDPM: the same images)."""
+    bufs, ac = buffers()
+    x, out = make((3, 3, 5, 5), torch.float32, scale=2.0), make((3, 3, 5, 5), torch.float32)
+    t = torch.tensor([999, 500, 3])
+    args = (x, out, t, None, *bufs) if op == "posterior_step" else (x, out, t, t - 2, None, ac, 0.7)
+    fused = getattr(kernels, op)(*args, generator=torch.Generator().manual_seed(11))
+    eager = getattr(reference, op)(*args, generator=torch.Generator().manual_seed(11))
+    torch.testing.assert_close(fused, eager, **TOL[torch.float32])
+    other = getattr(kernels, op)(*args, generator=torch.Generator().manual_seed(12))
+    assert not torch.allclose(fused, other)
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+def test_ddim_eps_from_the_model_or_from_the_clipped_x0(prediction_type, use_clipped):
+    _, ac = buffers()
+    x_t, out, z = make((3, 3, 5, 5), torch.float32, scale=3.0), make((3, 3, 5, 5), torch.float32), make(
+        (3, 3, 5, 5), torch.float32)  # fmt: skip
+    t, t_prev = torch.tensor([999, 400, 7]), torch.tensor([979, 380, -1])
+    fused, eager = both("ddim_step", x_t, out, t, t_prev, z, ac, 0.5, prediction_type,
+                        use_clipped_model_output=use_clipped)  # fmt: skip
+    torch.testing.assert_close(fused, eager, **TOL[torch.float32])
+    flipped = reference.ddim_step(x_t, out, t, t_prev, z, ac, 0.5, prediction_type,
+                                  use_clipped_model_output=not use_clipped)  # fmt: skip
+    assert not torch.allclose(eager, flipped)  # the option matters on these inputs (x_0 clipped)
+
+
+def test_every_gather_is_bounded_without_the_check():
+    """Unchecked t and t_prev (what the samplers pass) are clamped into the schedule by the
+    kernels and the eager twins alike; checked, both refuse them."""
+    bufs, ac = buffers()
+    short = [b[:50] for b in bufs]
+    x, out = make((2, 3, 4, 4), torch.float32), make((2, 3, 4, 4), torch.float32)
+    t = torch.tensor([999, 10])
+    for module in (kernels, reference):
+        with pytest.raises(ValueError, match="^t must lie in \\[0, 50\\)"):
+            module.posterior_step(x, out, t, x, *short)
+    fused = kernels.posterior_step(x, out, t, x, *short, check_t=False)
+    torch.testing.assert_close(fused, reference.posterior_step(x, out, t, x, *short, check_t=False))
+    torch.testing.assert_close(fused[:1], reference.posterior_step(x[:1], out[:1], torch.tensor([49]), x[:1], *short))
+    t, t_prev = torch.tensor([999, 1500]), torch.tensor([-7, 1200])
+    fused = kernels.ddim_step(x, out, t, t_prev, None, ac[:50], check_t=False)
+    torch.testing.assert_close(fused, reference.ddim_step(x, out, t, t_prev, None, ac[:50], check_t=False))
+    clamped = reference.ddim_step(x, out, torch.tensor([49, 49]), torch.tensor([-1, 49]), None, ac[:50], check_t=False)
+    torch.testing.assert_close(fused, clamped)  # 999, 1500 -> 49; -7 -> -1 (the last step); 1200 -> 49
 
 
 def test_where_a_gradient_is_required_the_gradient_is_correct():

@@ -104,6 +104,37 @@ def test_launches_the_kernel_and_checks_its_arguments(coefs, monkeypatch):
     assert calls == [1]
 
 
+def test_channels_last_in_gives_channels_last_out_without_a_copy(coefs, monkeypatch):
+    x0 = make((3, 4, 5, 6), torch.float32, "channels_last")
+    noise = make((3, 4, 5, 6), torch.float32, "channels_last")
+    t = torch.tensor([0, 300, 999])
+    out = kernels.q_sample(x0, t, noise, *coefs)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    torch.testing.assert_close(out, reference.q_sample(x0, t, noise, *coefs), **TOL[torch.float32])
+    copies = []
+    real = q_sample_module.as_rows
+    monkeypatch.setattr(q_sample_module, "as_rows", lambda x, order=None: copies.append(
+        real(x, order).data_ptr() != x.data_ptr()) or real(x, order))  # fmt: skip
+    kernels.q_sample(x0, t, noise, *coefs)
+    assert copies == [False, False, False]  # x0, noise and the output are walked in place
+
+
+def test_every_gather_is_bounded_without_the_check(coefs):
+    """A schedule shorter than t: checked, both paths refuse it; unchecked (what the samplers
+    pass inside their loops), both clamp t into the schedule: never a read out of bounds."""
+    x = torch.randn(2, 3, 4, 4)
+    short = (coefs[0][:10], coefs[1][:10])
+    t = torch.tensor([3, 999])
+    for op in (kernels.q_sample, reference.q_sample):
+        with pytest.raises(ValueError, match="^t must lie in \\[0, 10\\)"):
+            op(x, t, x, *short)
+    fused = kernels.q_sample(x, t, x, *short, check_t=False)
+    torch.testing.assert_close(fused, reference.q_sample(x, t, x, *short, check_t=False))
+    torch.testing.assert_close(fused[1], (short[0][9] + short[1][9]) * x[1])  # t = 999 read as t = 9
+    torch.testing.assert_close(kernels.q_sample(x, torch.tensor([-5, 2]), x, *short, check_t=False)[0],
+                               (short[0][0] + short[1][0]) * x[0])  # fmt: skip
+
+
 def test_empty_batch(coefs):
     x = torch.randn(0, 3, 4, 4)
     assert kernels.q_sample(x, torch.zeros(0, dtype=torch.long), x, *coefs).shape == x.shape

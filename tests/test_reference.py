@@ -67,18 +67,23 @@ def test_posterior_step_clips_predicted_x0(bufs, betas64, prediction_type):
     torch.testing.assert_close(out.double(), mean + sigma * z.double(), rtol=1e-4, atol=2e-5)
 
 
-def test_ddim_step_deterministic_and_stochastic(bufs):
+@pytest.mark.parametrize("use_clipped_model_output", [False, True])
+def test_ddim_step_deterministic_and_stochastic(bufs, use_clipped_model_output):
+    """eq. 12 with the clipped x_0 and either the model's eps (diffusers' default) or the eps
+    that the clipped x_0 implies (GLIDE's)."""
     abar = bufs["alphas_cumprod"].double()
-    x_t, eps, z = torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
+    x_t, eps, z = torch.randn(2, 1, 3, 3) * 3, torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
     t, t_prev = torch.tensor([999, 20]), torch.tensor([899, -1])
     a_t = abar[t].reshape(2, 1, 1, 1)
     a_p = torch.tensor([abar[899].item(), 1.0], dtype=torch.float64).reshape(2, 1, 1, 1)
     x0 = ((x_t.double() - (1 - a_t).sqrt() * eps.double()) / a_t.sqrt()).clamp(-1, 1)
-    e = (x_t.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt()
+    assert (x0.abs() == 1).any()  # the clip is exercised
+    e = (x_t.double() - a_t.sqrt() * x0) / (1 - a_t).sqrt() if use_clipped_model_output else eps.double()
     for eta in (0.0, 1.0):
         sigma = eta * ((1 - a_p) / (1 - a_t) * (1 - a_t / a_p)).sqrt()
         expected = a_p.sqrt() * x0 + (1 - a_p - sigma**2).clamp(min=0).sqrt() * e + sigma * z.double()
-        out = reference.ddim_step(x_t, eps, t, t_prev, z, bufs["alphas_cumprod"], eta=eta)
+        out = reference.ddim_step(x_t, eps, t, t_prev, z, bufs["alphas_cumprod"], eta=eta,
+                                  use_clipped_model_output=use_clipped_model_output)  # fmt: skip
         torch.testing.assert_close(out.double(), expected, rtol=1e-4, atol=1e-4)
 
 
