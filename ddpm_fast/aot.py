@@ -1,13 +1,27 @@
 """Compile every Triton kernel that real code launches for a real GPU, on a machine without
-one, and report registers, spills and shared memory per kernel.
+one, and report registers, spills, shared memory and the matrix instructions per kernel.
 
-    python -m ddpm_fast.aot                 # every op, float32 and float16, sm_80 and sm_90
-    python -m ddpm_fast.aot --ops q_sample --cap 90 --json
+    python -m ddpm_fast.aot --summary            # every scenario, sm_80 and sm_90
+    python -m ddpm_fast.aot --scenarios train --cap 90 --json
 
-How: a stand-in CUDA driver reports an sm_XX target, and each launch becomes a
-compile-only warmup (nothing runs, no output is written); cuobjdump, shipped in the
-triton wheel, reads the cubin. It needs TRITON_INTERPRET unset and the ops on their Triton
-path for CPU tensors (DDPM_FAST_KERNELS=triton, which `main` sets), so it runs in a
+What is compiled is what code launches: the scenarios run real code and catch each launch.
+- "train": one FastDDPM training step (forward, loss, backward, Adam) of the paper's 35.7M U-Net
+  at batch 128 and 4; "sample": one DDPM and one DDIM sampling step at batch 1, 16 and 256. Each
+  in float32, float16 (training under fp16 autocast, sampling with a .half() model) and bfloat16
+  autocast, NCHW and channels_last. The U-Net's own layouts, strides and dtypes reach the kernels
+  (the attention block's token-major q, k, v; GroupNorm's strided time-embedding add ...).
+- "q_sample", "posterior_step", "group_norm_silu", "attention": each op at the configurations a
+  user may call it with beyond the model (every option, transposed q/k/v, head dims 32 to 256).
+Every autotuned kernel is compiled at each configuration its autotuner may pick.
+
+How: while a scenario runs, every Triton launch is recorded instead of run (Autotuner runs are
+expanded into one launch per candidate configuration), with tiny stand-in tensors of the same
+dtype and alignment; the U-Net's convolutions and matrix products are computed on the meta
+device only (their outputs' shapes and strides are what matters), so the 35.7M model at batch
+128 takes seconds on a CPU. Each distinct launch is then compiled for sm_XX with a stand-in CUDA
+driver, and cuobjdump (shipped in the triton wheel) reads the cubin; the PTX tells whether the
+dots became wgmma (sm_90), mma (sm_80+) or FMA. It needs TRITON_INTERPRET unset and the ops on
+their Triton path for CPU tensors (DDPM_FAST_KERNELS=triton, which `main` sets), so it runs in a
 process of its own: the tests start it as a subprocess.
 """
 
@@ -36,50 +50,110 @@ def _resource_usage(cubin: bytes) -> dict:
     return dict(zip(("regs", "stack", "shared", "local"), map(int, m.groups()))) if m else {"raw": out}
 
 
+def _matrix_unit(ptx: str) -> str:
+    if "wgmma.mma_async" in ptx:
+        return "wgmma"
+    if "mma.sync" in ptx:
+        return "mma"
+    return "-"
+
+
+# -- recording launches ---------------------------------------------------------------------------
+
+
+def _stand_in(value):
+    """What a launch argument contributes to the compiled kernel, and a tiny stand-in for it:
+    a tensor's dtype and 16-byte alignment, an int's specialisations (== 1, % 16 == 0)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        aligned = (value.storage_offset() * value.element_size()) % 16 == 0
+        dummy = torch.empty(16, dtype=value.dtype)
+        return ("tensor", value.dtype, aligned), dummy if aligned else dummy[1:]
+    if isinstance(value, bool) or value is None:
+        return ("const", value), value
+    if isinstance(value, int):
+        return ("int", value == 1, value % 16 == 0, value >= 2**31), value
+    if isinstance(value, float):
+        return ("float",), value
+    return ("const", value), value
+
+
+class Recorder:
+    """Catches Triton launches (JITFunction and Autotuner runs) and keeps one of each kind."""
+
+    def __init__(self):
+        self.launches: dict = {}
+
+    def add(self, fn, args, kwargs) -> None:
+        keys, stand_ins = zip(*(_stand_in(a) for a in args)) if args else ((), ())
+        kw = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        key = (fn.fn.__qualname__, keys, tuple(sorted((k, repr(v)) for k, v in kw.items())))
+        self.launches.setdefault(key, (fn, stand_ins, kw))
+
+    @contextlib.contextmanager
+    def recording(self):
+        from triton.runtime.autotuner import Autotuner
+        from triton.runtime.jit import JITFunction
+
+        real_jit, real_tune = JITFunction.run, Autotuner.run
+        recorder = self
+
+        def record(self, *args, grid, warmup, **kwargs):
+            recorder.add(self, args, kwargs)
+
+        def every_config(self, *args, **kwargs):
+            self.nargs = dict(zip(self.arg_names, args))
+            for config in self.prune_configs(kwargs):
+                self.fn.run(*args, **kwargs, **config.all_kwargs())
+
+        JITFunction.run, Autotuner.run = record, every_config
+        try:
+            yield self
+        finally:
+            JITFunction.run, Autotuner.run = real_jit, real_tune
+
+
 @contextlib.contextmanager
-def capture(cap: int = 90):
-    """Within the block, every Triton launch compiles for sm_<cap> instead of running; yields
-    the list of compiled kernels (dicts: name, regs, stack, local, shared_meta, ...)."""
+def _target(cap: int):
+    """A stand-in CUDA driver that reports an sm_<cap> GPU, so that Triton compiles for it."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime import driver
-    from triton.runtime.jit import JITFunction
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     saved = driver._active
     fake = object.__new__(CudaDriver)  # no __init__: it would look for a GPU
     fake.get_current_target = lambda: GPUTarget("cuda", cap, 32)
-    fake.get_current_device = lambda: 0
+    # Triton caches its binder and target per device index: one index per target, or a second
+    # target in this process would reuse the first one's (sm_90 compiled as sm_80).
+    fake.get_current_device = lambda: cap
     fake.get_current_stream = lambda device=None: 0
     fake.get_device_capability = lambda device=None: (cap // 10, cap % 10)
     fake.get_active_torch_device = lambda: torch.device("cpu")
     driver.set_active(fake)
-    seen: list[dict] = []
-    real_run = JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = real_run(self, *args, grid=grid, warmup=True, **kwargs)
-        if kernel is not None:
-            info = _resource_usage(kernel.asm["cubin"])
-            info.update(
-                name=kernel.name,
-                cap=cap,
-                num_warps=kernel.metadata.num_warps,
-                num_stages=kernel.metadata.num_stages,
-                shared_meta=kernel.metadata.shared,
-            )
-            if info not in seen:
-                seen.append(info)
-        return kernel
-
-    JITFunction.run = compile_only
     try:
-        yield seen
+        yield
     finally:
-        JITFunction.run = real_run
         driver._active = saved
+
+
+def compile_launches(launches: dict, cap: int) -> list[dict]:
+    """Compile each recorded launch for sm_<cap>; one row per distinct compiled kernel."""
+    rows, seen = [], set()
+    with _target(cap):
+        for fn, args, kwargs in launches.values():
+            kernel = fn.run(*args, grid=(1,), warmup=True, **kwargs)
+            info = _resource_usage(kernel.asm["cubin"])
+            info.update(name=kernel.name, cap=cap, num_warps=kernel.metadata.num_warps,
+                        num_stages=kernel.metadata.num_stages, shared_meta=kernel.metadata.shared,
+                        mma=_matrix_unit(kernel.asm["ptx"]),
+                        config={k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "GB", "SPLIT"))})  # fmt: skip
+            key = json.dumps(info, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                rows.append(info)
+    return rows
 
 
 def problems(kernels: list[dict]) -> list[str]:
@@ -90,14 +164,139 @@ def problems(kernels: list[dict]) -> list[str]:
             out.append(f"{k['name']}: cuobjdump gave no resource line")
             continue
         if k["stack"] or k["local"]:
-            out.append(f"{k['name']} sm_{k['cap']}: spills (stack {k['stack']} B, local {k['local']} B)")
+            out.append(
+                f"{k['name']} sm_{k['cap']} {k.get('config')}: spills (stack {k['stack']} B, local {k['local']} B)"
+            )
         limit = MAX_SHARED.get(k["cap"])
         if limit and k["shared_meta"] > limit:
             out.append(f"{k['name']} sm_{k['cap']}: {k['shared_meta']} B shared memory > {limit} B available")
     return out
 
 
-# -- what to compile: each op at the configurations the library launches ------------------
+# -- the model scenarios: real code, heavy products on the meta device -----------------------------
+
+
+def _shape_only_mode():
+    """A dispatch mode in which every aten op is computed on the meta device only: its outputs
+    are uninitialised CPU tensors of the right shapes, strides and dtypes (views and in-place
+    results alias their real inputs as the op says). Only the fused ops run: their launches are
+    what is recorded. A step of the 35.7M U-Net at batch 256 costs allocations, not arithmetic
+    (untouched pages are never faulted in)."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_map
+
+    def to_meta(t):
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+        return t
+
+    def inputs_by_alias(func, args, kwargs):
+        found = {}
+        for i, arg in enumerate(func._schema.arguments):
+            value = args[i] if i < len(args) else kwargs.get(arg.name)
+            if arg.alias_info is not None and isinstance(value, torch.Tensor):
+                for name in arg.alias_info.before_set:
+                    found[name] = value
+        return found
+
+    class ShapeOnly(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "ddpm_fast":
+                return func(*args, **kwargs)  # the fused ops themselves: launches to record
+            try:
+                out = func(*tree_map(to_meta, args), **tree_map(to_meta, kwargs))
+            except Exception:  # no meta kernel, or data-dependent: run it for real
+                return func(*args, **kwargs)
+            tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+            if all(t.numel() <= SMALL for t in tensors):  # step counts, timesteps, scalars: real values
+                return func(*args, **kwargs)
+            aliased = inputs_by_alias(func, args, kwargs)
+            returns = func._schema.returns
+
+            def real(meta, ret):
+                if not isinstance(meta, torch.Tensor):
+                    return meta
+                source = None
+                if ret is not None and ret.alias_info is not None:
+                    source = next((aliased[n] for n in ret.alias_info.before_set if n in aliased), None)
+                if source is None:
+                    return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
+                if ret.alias_info.is_write:
+                    return source
+                return source.as_strided(meta.shape, meta.stride(), meta.storage_offset())
+
+            if isinstance(out, (tuple, list)) and len(returns) == len(out):
+                return type(out)(tree_map(lambda m, r=r: real(m, r), o) for o, r in zip(out, returns))
+            ret = returns[0] if len(returns) == 1 else None
+            return tree_map(lambda m: real(m, ret), out)
+
+    return ShapeOnly()
+
+
+SMALL = 4096  # ops on tensors no larger than this run for real in the shape-only mode
+
+PRECISIONS = ("float32", "float16", "bfloat16")
+
+
+def _model(precision: str, channels_last: bool, sampling: bool):
+    import torch
+
+    from ddpm_fast import FastDDPM, UNet
+
+    torch.manual_seed(0)
+    ddpm = FastDDPM(UNet(), image_size=32, channels=3)
+    if precision == "float16" and sampling:
+        ddpm.model.half()
+    if channels_last:
+        ddpm.to(memory_format=torch.channels_last)
+    return ddpm
+
+
+def _autocast(precision: str, sampling: bool):
+    import torch
+
+    if precision == "float32" or (precision == "float16" and sampling):
+        return contextlib.nullcontext()
+    return torch.autocast("cpu", dtype=getattr(torch, precision))
+
+
+def _launch_train(precision: str, channels_last: bool, batches=(128, 4)):
+    """One training step, as ddpm_fast.train.train_step runs it (grad clipping and Adam included)."""
+    import torch
+
+    from ddpm_fast.train import train_step
+
+    ddpm = _model(precision, channels_last, sampling=False)
+    opt = torch.optim.Adam(ddpm.parameters(), lr=2e-4)
+    autocast = None if precision == "float32" else getattr(torch, precision)
+    for batch in batches:
+        x0 = torch.zeros(batch, 3, 32, 32)
+        if channels_last:
+            x0 = x0.contiguous(memory_format=torch.channels_last)
+        with _shape_only_mode():
+            train_step(ddpm, x0, opt, autocast_dtype=autocast)
+
+
+def _launch_sample(precision: str, channels_last: bool, batches=(1, 16, 256)):
+    """One ancestral (DDPM) and one DDIM step, as the samplers run them."""
+    import torch
+
+    ddpm = _model(precision, channels_last, sampling=True).eval()
+    dtype = torch.float16 if precision == "float16" else torch.float32
+    for batch in batches:
+        x = torch.zeros(batch, 3, 32, 32, dtype=dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t = torch.full((batch,), 500)
+        with _shape_only_mode(), torch.no_grad(), _autocast(precision, sampling=True):
+            ddpm._p_sample(x, t, None, True, None)
+            ddpm._ops(x.device).ddim_step(x, ddpm._model(x, t), t, t - 20, None, ddpm.alphas_cumprod, eta=0.0,
+                                          check_t=False)  # fmt: skip
+
+
+# -- the op scenarios: what a user may call beyond the model ----------------------------------------
 
 
 def _launch_q_sample(dtype):
@@ -125,9 +324,11 @@ def _launch_posterior_step(dtype):
     t = torch.randint(1, 1000, (4,))
     step = [b[n] for n in POSTERIOR_STEP_BUFFERS]
     for prediction_type in ("epsilon", "sample", "v_prediction"):
-        for noise in (x, None):
-            kernels.posterior_step(x, x, t, noise, *step, prediction_type=prediction_type)
-            kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type)
+        for noise, source in ((x, "torch"), (None, "philox")):
+            kernels.posterior_step(x, x, t, noise, *step, prediction_type=prediction_type, noise_source=source)
+            for clipped in (False, True):
+                kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type,
+                                  use_clipped_model_output=clipped, noise_source=source)  # fmt: skip
         kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
 
 
@@ -137,103 +338,141 @@ UNET_GROUP_NORMS = [(128, 32), (128, 16), (256, 32), (256, 16), (256, 8), (256, 
 
 
 def _launch_group_norm_silu(dtype):
-    """Forward and backward at training batch 128 (one kernel per group) and sampling batch 1
-    (split groups), with and without the time-embedding add. Nothing runs, so empty tensors."""
+    """What the model scenarios do not launch: a strided (column-slice) add, the largest and the
+    smallest U-Net groups at batch 128 (one kernel per group block) and 1 (split groups), NCHW and
+    channels_last, with and without the add and the activation."""
     import torch
 
     from ddpm_fast import kernels
 
-    for channels, size in UNET_GROUP_NORMS:
+    for channels, size in ((384, 32), (256, 32), (512, 4)):
         for batch in (128, 1):
-            x = torch.empty(batch, channels, size, size, dtype=dtype).requires_grad_()
-            w = torch.empty(channels, requires_grad=True)
-            add = torch.empty(batch, channels, dtype=dtype, requires_grad=True)
-            for a in (add, None):
-                y = kernels.group_norm_silu(x, 32, w, w, 1e-5, add=a)
-                y.backward(torch.empty_like(y))
+            for memory_format in (torch.contiguous_format, torch.channels_last):
+                x = torch.empty(batch, channels, size, size, dtype=dtype, memory_format=memory_format)
+                x.requires_grad_()
+                w = torch.empty(channels, requires_grad=True)
+                add = torch.empty(batch, 2 * channels, dtype=dtype)[:, :channels].requires_grad_()
+                for a in (add, None):
+                    y = kernels.group_norm_silu(x, 32, w, w, 1e-5, add=a)
+                    y.backward(torch.empty_like(y))
+                kernels.group_norm(x, 32, w, w, 1e-5)
 
 
 def _launch_attention(dtype):
-    """Forward and backward at head dims 32 to 256; the paper's U-Net attends over 256 tokens
-    of 256 channels (16x16), one head."""
+    """Forward and backward at head dims 32 to 256 (the paper's U-Net: 256 tokens of 256
+    channels, one head), token-major (head dim contiguous, the U-Net's) and transposed (tokens
+    contiguous: float32 at every head dim, half at 256); float32 both in IEEE and, as
+    torch.backends.cuda.matmul.allow_tf32 allows, in TF32."""
     import torch
 
     from ddpm_fast import kernels
 
-    for d in (32, 64, 128, 256):
-        q = torch.empty(2, 1, 256, d, dtype=dtype).requires_grad_()
-        out = kernels.attention(q, q, q)
-        out.backward(torch.empty_like(out))
+    tf32 = (False, True) if dtype == torch.float32 else (False,)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow in tf32:
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            for d in (32, 64, 128, 256):
+                token_major = torch.empty(2, 256, 3 * d, dtype=dtype)[..., :d].unsqueeze(1)
+                transposed = torch.empty(2, 1, d, 256, dtype=dtype).transpose(-1, -2)
+                # the transposed layout where a user may bring it: float32 at every size, half at the U-Net's d
+                layouts = (token_major, transposed) if dtype == torch.float32 or d == 256 else (token_major,)
+                for q in layouts:
+                    q = q.detach().requires_grad_()
+                    out = kernels.attention(q, q, q)
+                    out.backward(torch.empty_like(out))
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
 
 
-LAUNCHERS = {
+OP_LAUNCHERS = {
     "q_sample": _launch_q_sample,
-    "attention": _launch_attention,
     "posterior_step": _launch_posterior_step,
     "group_norm_silu": _launch_group_norm_silu,
+    "attention": _launch_attention,
 }
+MODEL_LAUNCHERS = {"train": _launch_train, "sample": _launch_sample}
+SCENARIOS = (*MODEL_LAUNCHERS, *OP_LAUNCHERS)
 
 
-def compile_report(ops=tuple(LAUNCHERS), caps=(80, 90), dtypes=("float32", "float16")) -> list[dict]:
+def record(scenarios=SCENARIOS, precisions=PRECISIONS, layouts=("nchw", "channels_last")) -> dict:
+    """{scenario: {precision: Recorder}}: the launches each scenario makes."""
     import torch
 
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
     os.environ["DDPM_FAST_KERNELS"] = "triton"
+    out = {}
+    for scenario in scenarios:
+        for precision in precisions:
+            rec = Recorder()
+            with rec.recording():
+                if scenario in MODEL_LAUNCHERS:
+                    for layout in layouts:
+                        MODEL_LAUNCHERS[scenario](precision, layout == "channels_last")
+                else:
+                    OP_LAUNCHERS[scenario](getattr(torch, precision))
+            out.setdefault(scenario, {})[precision] = rec
+    return out
+
+
+def compile_report(scenarios=SCENARIOS, caps=(80, 90), precisions=PRECISIONS, layouts=("nchw", "channels_last")):
     rows = []
     for cap in caps:
-        for dtype in dtypes:
-            for op in ops:
-                with capture(cap) as kernels:
-                    LAUNCHERS[op](getattr(torch, dtype))
-                rows += [dict(k, op=op, dtype=dtype) for k in kernels]
+        with _target(cap):  # recorded per target: the attention autotuner's lists differ by GPU generation
+            recorded = record(scenarios, precisions, layouts)
+        for scenario, by_precision in recorded.items():
+            for precision, rec in by_precision.items():
+                rows += [dict(k, scenario=scenario, dtype=precision) for k in compile_launches(rec.launches, cap)]
     return rows
 
 
 def summary(rows: list[dict]) -> str:
-    """A markdown table: per kernel, GPU and dtype, the configurations compiled and the most
-    registers, spilled bytes and shared memory any of them uses."""
+    """A markdown table: per kernel, GPU and precision, the configurations compiled and the most
+    registers, spilled bytes and shared memory any of them uses, the stages and matrix unit."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["op"], r["name"], r["cap"], r["dtype"]), []).append(r)
-    lines = ["| op | kernel | sm | dtype | configs | max regs | max spill B | max smem B |",
-             "|---|---|---:|---|---:|---:|---:|---:|"]  # fmt: skip
-    for (op, name, cap, dtype), rs in groups.items():
+        groups.setdefault((r["name"], r["cap"], r["dtype"]), []).append(r)
+    lines = ["| kernel | sm | precision | configs | max regs | max spill B | max smem B | stages | dots on |",
+             "|---|---:|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    for (name, cap, dtype), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
         spill = max(r.get("stack", 0) + r.get("local", 0) for r in rs)
         regs = max(r.get("regs", 0) for r in rs)
         smem = max(r["shared_meta"] for r in rs)
-        lines.append(f"| {op} | `{name}` | {cap} | {dtype} | {len(rs)} | {regs} | {spill} | {smem:,} |")
+        stages = "-".join(map(str, sorted({r["num_stages"] for r in rs})))
+        units = ", ".join(sorted({r["mma"] for r in rs}))
+        lines.append(f"| `{name}` | {cap} | {dtype} | {len(rs)} | {regs} | {spill} | {smem:,} | {stages} | {units} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpm_fast.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--ops", default=",".join(LAUNCHERS), help=f"comma-separated, from {list(LAUNCHERS)}")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {list(SCENARIOS)}")
     parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
-    parser.add_argument("--dtypes", default="float32,float16")
+    parser.add_argument("--precisions", default=",".join(PRECISIONS))
+    parser.add_argument("--layouts", default="nchw,channels_last", help="the model scenarios' layouts")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
-    parser.add_argument("--summary", action="store_true", help="one line per kernel, sm and dtype: the worst config")
+    parser.add_argument("--summary", action="store_true", help="one line per kernel, sm and precision")
     args = parser.parse_args(argv)
-    ops = [o for o in args.ops.split(",") if o]
-    unknown = [o for o in ops if o not in LAUNCHERS]
+    scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown:
-        parser.error(f"unknown op(s) {unknown}; choose from {list(LAUNCHERS)}")
-    rows = compile_report(ops, args.cap, args.dtypes.split(","))
+        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    rows = compile_report(scenarios, args.cap, args.precisions.split(","), args.layouts.split(","))
     found = problems(rows)
     if args.json:
-        print(json.dumps({"kernels": rows, "problems": found}))
+        print(json.dumps({"kernels": rows, "problems": found}, default=str))
     elif args.summary:
         print(summary(rows))
         print("problems:", "; ".join(found) if found else "none")
     else:
-        print(f"{'op':<16}{'dtype':<9}{'kernel':<44}{'sm':>4}{'warps':>6}{'regs':>6}{'spill B':>9}{'smem B':>9}")
-        seen = set()
+        print(f"{'scenario':<16}{'dtype':<9}{'kernel':<32}{'sm':>4}{'warps':>6}{'stg':>4}{'regs':>6}{'spill B':>9}"
+              f"{'smem B':>9}{'dots':>7}  config")  # fmt: skip
         for r in rows:
             spill = r.get("stack", 0) + r.get("local", 0)
-            key = (r["op"], r["dtype"], r["name"], r["cap"], r["num_warps"], r.get("regs"), spill, r["shared_meta"])
-            if key in seen:  # the same compiled kernel at another shape
-                continue
-            seen.add(key)
-            print(f"{r['op']:<16}{r['dtype']:<9}{r['name']:<44}{r['cap']:>4}{r['num_warps']:>6}"
-                  f"{r.get('regs', '?'):>6}{spill:>9}{r['shared_meta']:>9}")  # fmt: skip
+            print(f"{r['scenario']:<16}{r['dtype']:<9}{r['name']:<32}{r['cap']:>4}{r['num_warps']:>6}"
+                  f"{r['num_stages']:>4}{r.get('regs', '?'):>6}{spill:>9}{r['shared_meta']:>9}{r['mma']:>7}"
+                  f"  {r['config']}")  # fmt: skip
         print("problems:", "; ".join(found) if found else "none")
     return 1 if found else 0
 
