@@ -17,4 +17,4 @@ __all__ = [
     "make_betas",
     "schedule_buffers",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -8,14 +8,34 @@ U-Net's GroupNorm+SiLU and attention when the model supports it.
 
 import warnings
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ddpm_fast import checks, reference
+from ddpm_fast import checks, graphs, reference
 from ddpm_fast.profiling import nvtx_range
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
+
+TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+
+def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[tuple[int, int]]:
+    """(t, t_prev) for each DDIM step, as diffusers' DDIMScheduler spaces them (set_timesteps)
+    and steps them (prev = t - T // steps, below 0 meaning the last step, abar_prev = 1):
+    "leading" (its default) t = k * (T // steps); "linspace" t = round(linspace(0, T - 1, steps));
+    "trailing" t = round(arange(T, 0, -T / steps)) - 1."""
+    if spacing == "linspace":
+        ts = np.linspace(0, num_timesteps - 1, steps).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        ts = (np.arange(0, steps) * (num_timesteps // steps)).round()[::-1].astype(np.int64)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, got {spacing!r}")
+    stride = num_timesteps // steps
+    return [(int(t), max(int(t) - stride, -1)) for t in ts]
 
 
 class DDPM(nn.Module):
@@ -33,13 +53,15 @@ class DDPM(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if not isinstance(image_size, int) or image_size < 1:
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"image_size must be a positive int, got {image_size!r}")
-        if not isinstance(channels, int) or channels < 1:
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
             raise ValueError(f"channels must be a positive int, got {channels!r}")
         checks.check_prediction_type(prediction_type)
+        from ddpm_fast.unet import UNetConfig
+
         config = getattr(model, "config", None)
-        if config is not None:
+        if isinstance(config, UNetConfig):  # our U-Net: check it fits; any other model(x, t) is taken as it is
             factor = 2 ** (len(config.ch_mult) - 1)
             if image_size % factor:
                 raise ValueError(f"image_size {image_size} must be divisible by {factor}, the U-Net's downsampling")
@@ -53,6 +75,7 @@ class DDPM(nn.Module):
         self.beta_schedule, self.prediction_type, self.variance_type = beta_schedule, prediction_type, variance_type
         for name, value in schedule_buffers(make_betas(beta_schedule, timesteps), variance_type).items():
             self.register_buffer(name, value)
+        self._graphs = graphs.GraphCache()
         self.set_fused(fused)
 
     # -- the switch -------------------------------------------------------------------
@@ -63,6 +86,7 @@ class DDPM(nn.Module):
         self._eager_warned = False
         if hasattr(self.model, "set_fused"):
             self.model.set_fused(fused)
+        self._graphs.clear()
         return self
 
     def _ops(self, device: torch.device):
@@ -73,7 +97,7 @@ class DDPM(nn.Module):
             return reference
         from ddpm_fast import kernels
 
-        if not self._eager_warned and not kernels.use_triton(device):
+        if not self._eager_warned and not torch.compiler.is_compiling() and not kernels.use_triton(device):
             self._eager_warned = True
             warnings.warn(
                 f"{type(self).__name__}: the fused kernels do not run on {device} here "
@@ -84,6 +108,12 @@ class DDPM(nn.Module):
             )
         return kernels
 
+    def _model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's prediction; a model that returns an object with `.sample` (diffusers'
+        UNet2DModel) is unwrapped."""
+        out = self.model(x, t)
+        return out if isinstance(out, torch.Tensor) else out.sample
+
     # -- training (Algorithm 1) ---------------------------------------------------------
 
     def _check_images(self, name: str, x: torch.Tensor) -> None:
@@ -93,10 +123,16 @@ class DDPM(nn.Module):
             raise ValueError(f"{name} must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (eq. 4)."""
+        """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (eq. 4). t is checked here
+        (one host sync)."""
+        checks.check_timesteps("t", t, x0.shape[0], self.num_timesteps, x0.device)
         if noise is None:
             noise = torch.randn_like(x0)
-        return self._ops(x0.device).q_sample(x0, t, noise, self.sqrt_alphas_cumprod, self.sqrt_one_minus_alphas_cumprod)
+        return self._q_sample(x0, t, noise)
+
+    def _q_sample(self, x0, t, noise):
+        return self._ops(x0.device).q_sample(x0, t, noise, self.sqrt_alphas_cumprod,
+                                             self.sqrt_one_minus_alphas_cumprod, check_t=False)  # fmt: skip
 
     def loss(
         self,
@@ -108,16 +144,19 @@ class DDPM(nn.Module):
         """The simple objective L_simple (eq. 14): || target - model(x_t, t) ||^2, averaged.
 
         The target is eps (epsilon), x_0 (sample) or v = sqrt(abar) eps - sqrt(1 - abar) x_0
-        (v_prediction). t and noise are drawn (from `generator` if given) unless passed.
+        (v_prediction). t and noise are drawn (from `generator` if given) unless passed; a t
+        that is passed is checked (one host sync), a drawn one needs no check: no host sync.
         """
         self._check_images("x0", x0)
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
-        if noise is None:
-            noise = torch.randn(x0.shape, device=x0.device, dtype=x0.dtype, generator=generator)
+        else:
+            checks.check_timesteps("t", t, b, self.num_timesteps, x0.device)
+        if noise is None:  # in x0's layout (channels_last stays so); the values of torch.randn for NCHW
+            noise = torch.empty_like(x0).normal_(generator=generator)
         with nvtx_range("forward"):
-            out = self.model(self.q_sample(x0, t, noise), t)
+            out = self._model(self._q_sample(x0, t, noise), t)
         with nvtx_range("loss"):
             if self.prediction_type == "epsilon":
                 target = noise
@@ -144,17 +183,20 @@ class DDPM(nn.Module):
         noise: torch.Tensor | None = None,
         clip_denoised: bool = True,
         generator: torch.Generator | None = None,
+        noise_source: str = "torch",
     ) -> torch.Tensor:
-        """One reverse step: x_{t-1} ~ p(x_{t-1} | x_t), t an integer tensor of shape (B,)."""
+        """One reverse step: x_{t-1} ~ p(x_{t-1} | x_t), t an integer tensor of shape (B,),
+        checked here (one host sync). z is `noise`, else drawn from `generator`."""
         self._check_images("x_t", x_t)
         checks.check_timesteps("t", t, x_t.shape[0], self.num_timesteps, x_t.device)
-        return self._p_sample(x_t, t, noise, clip_denoised, generator)
+        checks.check_noise_source(noise_source)
+        return self._p_sample(x_t, t, noise, clip_denoised, generator, noise_source)
 
-    def _p_sample(self, x_t, t, noise, clip_denoised, generator):
+    def _p_sample(self, x_t, t, noise, clip_denoised, generator, noise_source="torch"):
         with nvtx_range("sampling step"):
             return self._ops(x_t.device).posterior_step(
                 x_t,
-                self.model(x_t, t),
+                self._model(x_t, t),
                 t,
                 noise,
                 self.sqrt_recip_alphas_cumprod,
@@ -165,14 +207,52 @@ class DDPM(nn.Module):
                 prediction_type=self.prediction_type,
                 clip_denoised=clip_denoised,
                 generator=generator,
+                noise_source=noise_source,
+                check_t=False,
             )
 
+    def _memory_format(self) -> torch.memory_format:
+        """channels_last when the model's convolutions are (model.to(memory_format=...))."""
+        for p in self.model.parameters():
+            if p.ndim == 4:
+                channels_last = not p.is_contiguous() and p.is_contiguous(memory_format=torch.channels_last)
+                return torch.channels_last if channels_last else torch.contiguous_format
+        return torch.contiguous_format
+
     def _start(self, n: int, generator, device) -> torch.Tensor:
-        if not isinstance(n, int) or n < 1:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"n must be a positive int, got {n!r}")
-        device = device or self.betas.device
+        device = torch.device(device) if device is not None else self.betas.device
         shape = (n, self.channels, self.image_size, self.image_size)
-        return torch.randn(shape, generator=generator, device=device)
+        x = torch.randn(shape, generator=generator, device=device)
+        return x.contiguous(memory_format=self._memory_format())
+
+    def _loop(self, kind, step, x, steps, generator, progress, graph, options, runner=False):
+        """Run step(x, t, t_prev, generator) over the (t, t_prev) pairs: a plain loop, or (graph,
+        or runner for testing the same path without a GPU) on the static buffers of a StepRunner,
+        captured in a CUDA graph when `graph`. No host sync inside the loop either way."""
+        bar = tqdm(steps, disable=not progress, desc=kind)
+        if not (graph or runner):
+            n = x.shape[0]
+            for i, j in bar:
+                t = torch.full((n,), i, device=x.device, dtype=torch.long)
+                t_prev = torch.full((n,), j, device=x.device, dtype=torch.long)
+                x = step(x, t, t_prev, generator)
+            return x
+        from ddpm_fast import kernels
+
+        key = (kind, options, tuple(x.shape), x.stride(), x.dtype, x.device, self.training, self.fused,
+               kernels.get_kernel_mode(), torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+        if graph:
+            run = self._graphs.get(key, lambda: graphs.StepRunner(step, x))
+        else:
+            run = graphs.StepRunner(step, x)
+        run.load(x, generator)
+        if graph and run.graph is None:
+            run.capture()
+        for i, j in bar:
+            run.run(i, j)
+        return run.finish(generator)
 
     @torch.no_grad()
     def sample(
@@ -182,14 +262,25 @@ class DDPM(nn.Module):
         progress: bool = True,
         clip_denoised: bool = True,
         device: torch.device | str | None = None,
+        noise_source: str = "torch",
+        cuda_graph: bool | str = "auto",
     ) -> torch.Tensor:
-        """Ancestral sampling over all T steps: n images in [-1, 1], shape (n, C, H, W)."""
+        """Ancestral sampling over all T steps: n images in [-1, 1], shape (n, C, H, W).
+
+        x_T and every step's noise come from `generator` (torch's default when None), in the
+        same order on the eager and the fused path: DDPM and FastDDPM give the same images.
+        noise_source="philox" draws the step noise inside the fused kernel instead (reproducible
+        with itself only). cuda_graph: capture one step in a CUDA graph and replay it (True),
+        never (False), or on CUDA at batch <= graphs.AUTO_MAX_BATCH ("auto")."""
+        checks.check_noise_source(noise_source)
         x = self._start(n, generator, device)
-        for i in tqdm(reversed(range(self.num_timesteps)), total=self.num_timesteps, disable=not progress,
-                      desc="sampling"):  # fmt: skip
-            t = torch.full((n,), i, device=x.device, dtype=torch.long)
-            x = self._p_sample(x, t, None, clip_denoised, generator)
-        return x
+        steps = [(i, i - 1) for i in reversed(range(self.num_timesteps))]
+
+        def step(x, t, t_prev, gen):
+            return self._p_sample(x, t, None, clip_denoised, gen, noise_source)
+
+        return self._loop("sampling", step, x, steps, generator, progress, graphs.use_graph(cuda_graph, x.device, n),
+                          ("ddpm", bool(clip_denoised), noise_source))  # fmt: skip
 
     @torch.no_grad()
     def ddim_sample(
@@ -201,21 +292,29 @@ class DDPM(nn.Module):
         progress: bool = True,
         clip_denoised: bool = True,
         device: torch.device | str | None = None,
+        timestep_spacing: str = "leading",
+        use_clipped_model_output: bool = False,
+        noise_source: str = "torch",
+        cuda_graph: bool | str = "auto",
     ) -> torch.Tensor:
-        """DDIM (Song et al. 2021) over `steps` timesteps evenly spaced in [0, T); eta = 0 is
-        deterministic, eta = 1 matches DDPM's variance."""
-        if not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
+        """DDIM (Song et al. 2021) in `steps` steps, as diffusers' DDIMScheduler runs it:
+        timestep_spacing "leading" (diffusers' default), "linspace" or "trailing" (see
+        ddim_timesteps); eps is the model's own unless use_clipped_model_output (then recomputed
+        from the clipped x_0); eta = 0 is deterministic, eta = 1 has DDPM's variance. Noise,
+        generator and cuda_graph as in `sample`."""
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= self.num_timesteps:
             raise ValueError(f"steps must be an int in [1, {self.num_timesteps}], got {steps!r}")
+        if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must be a number in [0, 1], got {eta!r}")
+        checks.check_noise_source(noise_source)
+        pairs = ddim_timesteps(self.num_timesteps, steps, timestep_spacing)
         x = self._start(n, generator, device)
-        seq = torch.linspace(0, self.num_timesteps - 1, steps, dtype=torch.float64).round().long().tolist()
-        prev = [-1, *seq[:-1]]
-        for i, j in tqdm(list(zip(reversed(seq), reversed(prev))), disable=not progress, desc="ddim"):
-            t = torch.full((n,), i, device=x.device, dtype=torch.long)
-            t_prev = torch.full((n,), j, device=x.device, dtype=torch.long)
+
+        def step(x, t, t_prev, gen):
             with nvtx_range("sampling step"):
-                x = self._ops(x.device).ddim_step(
+                return self._ops(x.device).ddim_step(
                     x,
-                    self.model(x, t),
+                    self._model(x, t),
                     t,
                     t_prev,
                     None,
@@ -223,6 +322,12 @@ class DDPM(nn.Module):
                     eta=eta,
                     prediction_type=self.prediction_type,
                     clip_denoised=clip_denoised,
-                    generator=generator,
+                    generator=gen,
+                    use_clipped_model_output=use_clipped_model_output,
+                    noise_source=noise_source,
+                    check_t=False,
                 )
-        return x
+
+        options = ("ddim", float(eta), bool(clip_denoised), bool(use_clipped_model_output), noise_source)
+        return self._loop("ddim", step, x, pairs, generator, progress, graphs.use_graph(cuda_graph, x.device, n),
+                          options)  # fmt: skip

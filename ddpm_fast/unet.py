@@ -31,6 +31,7 @@ class UNetConfig:
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.1
     num_groups: int = 32
+    norm_eps: float = 1e-6  # the paper's code: tf.contrib.layers.group_norm's epsilon
     resamp_with_conv: bool = True
 
 
@@ -80,12 +81,12 @@ class GroupNormSiLU(nn.Module):
 
 
 class ResnetBlock(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int):
+    def __init__(self, in_ch: int, out_ch: int, temb_ch: int, dropout: float, num_groups: int, eps: float = 1e-6):
         super().__init__()
-        self.norm1 = GroupNormSiLU(num_groups, in_ch)
+        self.norm1 = GroupNormSiLU(num_groups, in_ch, eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.temb_proj = nn.Linear(temb_ch, out_ch)
-        self.norm2 = GroupNormSiLU(num_groups, out_ch)
+        self.norm2 = GroupNormSiLU(num_groups, out_ch, eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
@@ -101,9 +102,9 @@ class ResnetBlock(nn.Module):
 class AttnBlock(nn.Module):
     """Single-head self-attention over the H*W positions of a feature map, with a residual."""
 
-    def __init__(self, channels: int, num_groups: int):
+    def __init__(self, channels: int, num_groups: int, eps: float = 1e-6):
         super().__init__()
-        self.norm = nn.GroupNorm(num_groups, channels)
+        self.norm = nn.GroupNorm(num_groups, channels, eps=eps)
         self.q = nn.Conv2d(channels, channels, 1)
         self.k = nn.Conv2d(channels, channels, 1)
         self.v = nn.Conv2d(channels, channels, 1)
@@ -111,15 +112,34 @@ class AttnBlock(nn.Module):
         self.fused = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            return self._fused_forward(x)
         B, C, H, W = x.shape
         h = self.norm(x)
 
         def tokens(t):  # (B, C, H, W) -> (B, 1, H*W, C)
             return t.reshape(B, 1, C, H * W).transpose(-1, -2)
 
-        out = _ops(self.fused).attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)), scale=C**-0.5)
+        out = reference.attention(tokens(self.q(h)), tokens(self.k(h)), tokens(self.v(h)), scale=C**-0.5)
         out = out.transpose(-1, -2).reshape(B, C, H, W)
         return x + self.proj_out(out)
+
+    def _fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same block, laid out for the kernels: the norm through the GroupNorm kernel (no
+        activation), q, k and v from one GEMM of the three weights side by side, token-major
+        (head dim contiguous: what the attention kernel reads best), the output projection a GEMM
+        over tokens. For a channels_last x no layout copy is made anywhere."""
+        from ddpm_fast import kernels
+
+        B, C, H, W = x.shape
+        h = kernels.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
+        tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C): a view, contiguous when x is channels_last
+        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)  # (3C, C)
+        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C) views
+        out = kernels.attention(q, k, v, scale=C**-0.5)[:, 0]  # (B, HW, C)
+        out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
+        return x + out.transpose(1, 2).unflatten(2, (H, W))  # NHWC strides: x's own when channels_last
 
 
 class Downsample(nn.Module):
@@ -153,7 +173,7 @@ class UNet(nn.Module):
             cfg = UNetConfig(**{**cfg.__dict__, **overrides})
         _check_config(cfg)
         self.config = cfg
-        ch, mult, groups = cfg.ch, tuple(cfg.ch_mult), cfg.num_groups
+        ch, mult, groups, eps = cfg.ch, tuple(cfg.ch_mult), cfg.num_groups, cfg.norm_eps
         temb_ch = 4 * ch
 
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
@@ -167,10 +187,10 @@ class UNet(nn.Module):
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks):
-                stage.block.append(ResnetBlock(block_in, ch * m, temb_ch, cfg.dropout, groups))
+                stage.block.append(ResnetBlock(block_in, ch * m, temb_ch, cfg.dropout, groups, eps))
                 block_in = ch * m
                 if res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in, groups))
+                    stage.attn.append(AttnBlock(block_in, groups, eps))
                 skips.append(block_in)
             if level != len(mult) - 1:
                 stage.downsample = Downsample(block_in, cfg.resamp_with_conv)
@@ -179,9 +199,9 @@ class UNet(nn.Module):
             self.down.append(stage)
 
         self.mid = nn.Module()
-        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups)
-        self.mid.attn_1 = AttnBlock(block_in, groups)
-        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups)
+        self.mid.block_1 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups, eps)
+        self.mid.attn_1 = AttnBlock(block_in, groups, eps)
+        self.mid.block_2 = ResnetBlock(block_in, block_in, temb_ch, cfg.dropout, groups, eps)
 
         # Upsampling: num_res_blocks + 1 blocks per level, each eating one skip.
         up = []
@@ -189,17 +209,17 @@ class UNet(nn.Module):
             stage = nn.Module()
             stage.block, stage.attn = nn.ModuleList(), nn.ModuleList()
             for _ in range(cfg.num_res_blocks + 1):
-                stage.block.append(ResnetBlock(block_in + skips.pop(), ch * m, temb_ch, cfg.dropout, groups))
+                stage.block.append(ResnetBlock(block_in + skips.pop(), ch * m, temb_ch, cfg.dropout, groups, eps))
                 block_in = ch * m
                 if res in cfg.attn_resolutions:
-                    stage.attn.append(AttnBlock(block_in, groups))
+                    stage.attn.append(AttnBlock(block_in, groups, eps))
             if level != 0:
                 stage.upsample = Upsample(block_in, cfg.resamp_with_conv)
                 res *= 2
             up.insert(0, stage)  # stored in level order, as the paper's code does
         self.up = nn.ModuleList(up)
 
-        self.norm_out = GroupNormSiLU(groups, block_in)
+        self.norm_out = GroupNormSiLU(groups, block_in, eps)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels or cfg.in_channels, 3, padding=1)
         self._init_weights()
 
@@ -220,6 +240,21 @@ class UNet(nn.Module):
             elif isinstance(mod, AttnBlock):
                 nn.init.zeros_(mod.proj_out.weight)
         nn.init.zeros_(self.conv_out.weight)
+
+    @classmethod
+    def from_diffusers(cls, model_or_config, state_dict: dict | None = None) -> "UNet":
+        """Our UNet with a diffusers UNet2DModel's weights (the model, or its config and
+        state_dict): Ho et al.'s released CIFAR-10 model (google/ddpm-cifar10-32) maps one to one.
+        A configuration this U-Net cannot express is refused with a message naming the setting."""
+        from ddpm_fast.interop import from_diffusers
+
+        return from_diffusers(model_or_config, state_dict)
+
+    def to_diffusers_state_dict(self) -> dict:
+        """This U-Net's weights as a UNet2DModel state_dict (config: interop.diffusers_config)."""
+        from ddpm_fast.interop import to_diffusers_state_dict
+
+        return to_diffusers_state_dict(self)
 
     def set_fused(self, fused: bool = True) -> "UNet":
         """Route GroupNorm+SiLU and attention through ddpm_fast.kernels (True) or the eager ops."""
@@ -281,3 +316,5 @@ def _check_config(cfg: UNetConfig) -> None:
             raise ValueError(f"num_groups ({cfg.num_groups}) must divide every channel count (ch * ch_mult)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
+    if not cfg.norm_eps > 0:
+        raise ValueError(f"norm_eps must be positive, got {cfg.norm_eps}")

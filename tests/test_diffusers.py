@@ -1,0 +1,214 @@
+"""The same numbers as diffusers: DDIM and DDPM against DDIMScheduler / DDPMScheduler step by
+step and over whole runs with the same generator, and the paper's released U-Net (diffusers'
+UNet2DModel) mapped onto ours, eager and fused (kernels under Triton's interpreter)."""
+
+import json
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from ddpm_fast import DDPM, FastDDPM, UNet, UNetConfig, interop
+from ddpm_fast.diffusion import ddim_timesteps
+from ddpm_fast.schedule import make_betas
+
+T = 1000
+
+
+class Stub(torch.nn.Module):
+    """A fixed, smooth eps(x, t): the samplers' arithmetic is compared, not a network's."""
+
+    def forward(self, x, t):
+        phase = t.float()[:, None, None, None] / T
+        return 0.7 * torch.sin(3 * x + phase) + 0.3 * x * torch.cos(5 * phase)
+
+
+def ddpm_pair(cls=DDPM, **kwargs):
+    return cls(Stub(), image_size=6, channels=2, timesteps=T, **kwargs)
+
+
+def ddim_scheduler(ddpm, spacing, **kwargs):
+    sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing, prediction_type=ddpm.prediction_type,
+                          **kwargs)  # fmt: skip
+    sched.alphas_cumprod = ddpm.alphas_cumprod.clone()  # the same schedule to the last bit (theirs: float32 cumprod)
+    return sched
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+@pytest.mark.parametrize("steps", [10, 50, 3])
+def test_ddim_timesteps_are_diffusers(spacing, steps):
+    sched = DDIMScheduler(num_train_timesteps=T, timestep_spacing=spacing)
+    sched.set_timesteps(steps)
+    pairs = ddim_timesteps(T, steps, spacing)
+    assert [t for t, _ in pairs] == sched.timesteps.tolist()
+    assert [p for _, p in pairs] == [max(t - T // steps, -1) for t in sched.timesteps.tolist()]
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+@pytest.mark.parametrize("spacing", ["leading", "linspace", "trailing"])
+def test_ddim_matches_ddim_scheduler_at_every_step_and_over_the_run(spacing, eta, fused, monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton" if fused else "eager")
+    ddpm = ddpm_pair(FastDDPM if fused else DDPM)
+    sched = ddim_scheduler(ddpm, spacing)
+    sched.set_timesteps(10)
+    ops = ddpm._ops(torch.device("cpu"))
+    x = torch.randn(3, 2, 6, 6)
+    for t, t_prev in ddim_timesteps(T, 10, spacing):  # step by step, from the same x and the same noise
+        tt = torch.full((3,), t)
+        out = ddpm.model(x, tt)
+        z = torch.randn_like(x)
+        ours = ops.ddim_step(x, out, tt, torch.full((3,), t_prev), z, ddpm.alphas_cumprod, eta)
+        theirs = sched.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        x = theirs
+    # The whole sampler with one generator: x_T and each step's noise drawn in diffusers' order.
+    ours = ddpm.ddim_sample(3, steps=10, eta=eta, generator=torch.Generator().manual_seed(5), progress=False,
+                            timestep_spacing=spacing)  # fmt: skip
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 2, 6, 6, generator=g)
+    for t in sched.timesteps:
+        x = sched.step(ddpm.model(x, t.repeat(3)), t, x, eta=eta, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)  # ten steps of float32 rounding
+
+
+@pytest.mark.parametrize("use_clipped", [False, True])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_ddim_eps_conventions_match_diffusers(prediction_type, use_clipped):
+    ddpm = ddpm_pair(prediction_type=prediction_type)
+    sched = ddim_scheduler(ddpm, "leading")
+    sched.set_timesteps(20)
+    x = torch.randn(2, 2, 6, 6) * 2  # large enough that x_0 is clipped
+    for t, t_prev in ddim_timesteps(T, 20, "leading")[:6]:
+        tt = torch.full((2,), t)
+        out = ddpm.model(x, tt)
+        ours = ddpm._ops(x.device).ddim_step(x, out, tt, torch.full((2,), t_prev), None, ddpm.alphas_cumprod,
+                                             prediction_type=prediction_type,
+                                             use_clipped_model_output=use_clipped)  # fmt: skip
+        theirs = sched.step(out, t, x, use_clipped_model_output=use_clipped).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+        x = theirs
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("variance_type", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_ddpm_matches_ddpm_scheduler_step_and_run(prediction_type, variance_type, fused, monkeypatch):
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton" if fused else "eager")
+    ddpm = ddpm_pair(FastDDPM if fused else DDPM, prediction_type=prediction_type, variance_type=variance_type)
+    sched = DDPMScheduler(num_train_timesteps=T, variance_type=variance_type, prediction_type=prediction_type)
+    # DDPMScheduler derives its coefficients from alphas_cumprod (1 - abar_t, abar_t / abar_{t-1}),
+    # which near t = 0 need more digits than float32 keeps (ours come from float64 betas): give it
+    # the same schedule in float64, computed from the betas as ours is.
+    sched.alphas_cumprod = torch.cumprod(1 - make_betas("linear", T), 0)
+    sched.set_timesteps(T)
+    x = torch.randn(3, 2, 6, 6) * 1.5
+    for t in (999, 500, 37, 1, 0):
+        tt = torch.full((3,), t)
+        ours = ddpm.p_sample(x, tt, generator=torch.Generator().manual_seed(t))
+        theirs = sched.step(ddpm.model(x, tt), t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # A whole (short) ancestral run with one generator.
+    short = ddpm_pair(FastDDPM if fused else DDPM, prediction_type=prediction_type, variance_type=variance_type)
+    short.num_timesteps = 30  # the last 30 steps of the 1000-step chain, as a pipeline started at t = 29 would run
+    ours = short.sample(2, generator=torch.Generator().manual_seed(3), progress=False)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 2, 6, 6, generator=g)
+    for t in range(29, -1, -1):
+        x = sched.step(short.model(x, torch.full((2,), t)), t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+
+
+# -- the paper's released model: diffusers' UNet2DModel <-> our UNet ----------------------------------
+
+# google/ddpm-cifar10-32's unet config (Ho et al.'s CIFAR-10 model as diffusers publishes it).
+PAPER_CONFIG = {
+    "_class_name": "UNet2DModel", "act_fn": "silu", "attention_head_dim": None,
+    "block_out_channels": [128, 256, 256, 256], "center_input_sample": False,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+    "downsample_padding": 0, "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "layers_per_block": 2,
+    "mid_block_scale_factor": 1, "norm_eps": 1e-06, "norm_num_groups": 32, "out_channels": 3, "sample_size": 32,
+    "time_embedding_type": "positional", "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"],
+}  # fmt: skip
+
+
+def diffusers_unet(config=PAPER_CONFIG, seed=0):
+    torch.manual_seed(seed)
+    model = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).eval()
+    with torch.no_grad():  # diffusers zero-initialises nothing, but make every weight count
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return model
+
+
+@pytest.fixture(scope="module")
+def paper_unet():
+    return diffusers_unet()
+
+
+def test_the_paper_config_is_our_default_unet(paper_unet):
+    cfg = interop.unet_config_from_diffusers(paper_unet.config)
+    assert cfg == UNetConfig(dropout=0.0, out_channels=3)  # ours: the paper's, dropout 0.1 for training
+    assert sum(p.numel() for p in paper_unet.parameters()) == 35_746_307
+    back = interop.diffusers_config(cfg)
+    assert all(back[k] == v for k, v in PAPER_CONFIG.items()), {
+        k: back[k] for k in PAPER_CONFIG if back[k] != PAPER_CONFIG[k]
+    }
+
+
+def test_converted_paper_unet_gives_the_same_eps(paper_unet):
+    unet = UNet.from_diffusers(paper_unet).eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([3, 871])
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t), paper_unet(x, t).sample, rtol=1e-5, atol=1e-5)
+    # and back: our weights as diffusers', loaded strictly into a fresh UNet2DModel
+    fresh = diffusers_unet(seed=1)
+    fresh.load_state_dict(unet.to_diffusers_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x, t).sample, paper_unet(x, t).sample, rtol=0, atol=0)
+
+
+SMALL = {**PAPER_CONFIG, "block_out_channels": [16, 32], "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+         "up_block_types": ["AttnUpBlock2D", "UpBlock2D"], "layers_per_block": 1, "norm_num_groups": 4,
+         "sample_size": 8}  # fmt: skip
+
+
+def test_a_diffusers_folder_samples_with_the_fused_kernels(tmp_path, monkeypatch):
+    """A pipeline folder (unet/, scheduler/) as save_pretrained writes it, read without diffusers'
+    loader; FastDDPM (kernels under the interpreter) gives the UNet2DModel's own samples."""
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+    model = diffusers_unet(SMALL)
+    model.save_pretrained(tmp_path / "unet")
+    sched = DDPMScheduler(num_train_timesteps=5, variance_type="fixed_large")
+    sched.save_pretrained(tmp_path / "scheduler")
+    unet, kwargs = interop.load_diffusers(str(tmp_path))
+    assert kwargs == {"image_size": 8, "channels": 3, "timesteps": 5, "beta_schedule": "linear",
+                      "prediction_type": "epsilon", "variance_type": "fixed_large"}  # fmt: skip
+    fast = FastDDPM(unet, **kwargs).eval()
+    reference = DDPM(model, **kwargs).eval()  # a diffusers model inside DDPM: model(x, t).sample
+    ours = fast.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+    theirs = reference.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_mismatched_configs_are_refused_by_name(tmp_path):
+    with pytest.raises(interop.ConversionError, match="attention_head_dim=8: multi-head"):
+        interop.unet_config_from_diffusers({**PAPER_CONFIG, "attention_head_dim": 8})
+    with pytest.raises(interop.ConversionError, match="flip_sin_to_cos=True"):
+        interop.unet_config_from_diffusers({**PAPER_CONFIG, "flip_sin_to_cos": True})
+    with pytest.raises(interop.ConversionError, match="CrossAttnDownBlock2D"):
+        interop.unet_config_from_diffusers({**PAPER_CONFIG, "down_block_types": ["CrossAttnDownBlock2D"] * 4})
+    with pytest.raises(interop.ConversionError, match="unexpected weight"):
+        interop.from_diffusers(SMALL, {**diffusers_unet(SMALL).state_dict(), "extra.weight": torch.zeros(1)})
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DConditionModel"}))
+    with pytest.raises(interop.ConversionError, match="UNet2DConditionModel"):
+        interop.load_diffusers(str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no diffusers folder"):
+        interop.load_diffusers(str(tmp_path / "missing"))
+
+
+def test_any_model_with_a_foreign_config_is_accepted():
+    model = diffusers_unet(SMALL)
+    ddpm = DDPM(model, image_size=8, channels=3, timesteps=10)  # model.config is diffusers': not checked as ours
+    loss = ddpm.loss(torch.randn(2, 3, 8, 8))
+    assert loss.ndim == 0 and torch.isfinite(loss)
