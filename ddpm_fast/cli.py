@@ -1,12 +1,15 @@
-"""The `ddpm-fast` command: train, sample, demo.
+"""The `ddpm-fast` command: train, sample, export, demo.
 
 ddpm-fast demo                                    small model, built-in digits, a few minutes on a CPU
 ddpm-fast train --dataset cifar10 --class airplane --data-root data --out runs/airplane
 torchrun --nproc_per_node 4 -m ddpm_fast.cli train ...   # DistributedDataParallel
 ddpm-fast sample --checkpoint runs/airplane/checkpoint.pt --n 64 --out samples.png
+ddpm-fast sample --diffusers ddpm-cifar10-32 --n 64 --out samples.png    # the paper's released model
+ddpm-fast export --checkpoint runs/airplane/checkpoint.pt --out airplane.safetensors
 """
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -19,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from ddpm_fast import kernels
+from ddpm_fast import interop, kernels
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
@@ -37,6 +40,7 @@ def _positive_int(text: str) -> int:
 def _build(model_config: dict, fused: bool) -> DDPM:
     unet = dict(model_config["unet"])
     unet["ch_mult"], unet["attn_resolutions"] = tuple(unet["ch_mult"]), tuple(unet["attn_resolutions"])
+    unet.setdefault("norm_eps", 1e-5)  # checkpoints from before the setting were trained with torch's default
     cfg = UNetConfig(**unet)
     cls = FastDDPM if fused else DDPM
     return cls(UNet(cfg), image_size=cfg.image_size, channels=cfg.in_channels, **model_config["ddpm"])
@@ -75,6 +79,7 @@ def train(args) -> None:
             out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             ema_decay=args.ema_decay, amp=args.amp, sample_every=args.sample_every, num_samples=args.num_samples,
             sample_steps=args.sample_steps, seed=args.seed, max_steps=args.max_steps, num_workers=args.num_workers,
+            channels_last=args.channels_last,
         )  # fmt: skip
         model_config = _model_config(args, channels)
         resume_path = os.path.join(args.out, "checkpoint.pt") if args.resume else None
@@ -107,22 +112,73 @@ def _load_for_sampling(path: str, fused: bool, device: torch.device, ema: bool =
     return ddpm.to(device).eval()
 
 
+def _load_diffusers(path: str, fused: bool, device: torch.device) -> DDPM:
+    """A diffusers UNet2DModel folder (Ho et al.'s google/ddpm-cifar10-32, say) as our DDPM."""
+    unet, kwargs = interop.load_diffusers(path)
+    return (FastDDPM if fused else DDPM)(unet, **kwargs).to(device).eval()
+
+
+CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
+
+
+def generate(ddpm: DDPM, n: int, args, device: torch.device) -> torch.Tensor:
+    """n images in [0, 1] as float32 on the CPU, sampled in batches of args.batch_size with one
+    generator (the same seed gives the same images whatever the batch size of the last batch)."""
+    generator = torch.Generator(device).manual_seed(args.seed)
+    out = []
+    for start in range(0, n, args.batch_size):
+        b = min(args.batch_size, n - start)
+        kwargs = dict(generator=generator, device=device, progress=n <= args.batch_size,
+                      cuda_graph=CUDA_GRAPH[args.cuda_graph])  # fmt: skip
+        if args.sampler == "ddpm":
+            images = ddpm.sample(b, **kwargs)
+        else:
+            images = ddpm.ddim_sample(
+                b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs
+            )
+        out.append(((images.float().clamp(-1, 1) + 1) / 2).cpu())
+        if n > args.batch_size:
+            print(f"  {start + b}/{n} samples", flush=True)
+    return torch.cat(out)
+
+
+def save_images(images: torch.Tensor, path: str) -> None:
+    """A PNG grid, or an .npz of uint8 NHWC images under arr_0 (what openai's FID evaluator and
+    torch-fidelity read)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if path.endswith(".npz"):
+        np.savez(path, arr_0=(images * 255).round().byte().permute(0, 2, 3, 1).numpy())
+    else:
+        save_image(images, path, nrow=int(np.ceil(np.sqrt(images.shape[0]))), padding=1)
+
+
 def sample(args) -> None:
     device = torch.device(args.device)
-    ddpm = _load_for_sampling(args.checkpoint, args.fused, device, ema=not args.no_ema)
-    generator = torch.Generator(device).manual_seed(args.seed)
+    if args.diffusers:
+        ddpm = _load_diffusers(args.diffusers, args.fused, device)
+    else:
+        ddpm = _load_for_sampling(args.checkpoint, args.fused, device, ema=not args.no_ema)
     start = time.perf_counter()
-    if args.sampler == "ddpm":
-        images = ddpm.sample(args.n, generator=generator, device=device)
-    else:
-        images = ddpm.ddim_sample(args.n, steps=args.steps, eta=args.eta, generator=generator, device=device)
-    images = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    if args.out.endswith(".npz"):  # uint8 NHWC, as FID tools expect
-        np.savez(args.out, samples=(images * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    else:
-        save_image(images, args.out, nrow=int(np.ceil(np.sqrt(args.n))), padding=1)
+    images = generate(ddpm, args.n, args, device)
+    save_images(images, args.out)
     print(f"{args.n} samples ({args.sampler}) in {time.perf_counter() - start:.1f} s: {args.out}")
+
+
+def export(args) -> None:
+    """A checkpoint's weights (EMA by default) as safetensors: our state_dict with the model
+    config in the metadata, or a diffusers UNet2DModel folder (--format diffusers)."""
+    state = load_checkpoint(args.checkpoint)
+    ddpm = _build(state["config"]["model"], fused=False)
+    ddpm.load_state_dict(ema_model_state(state["ema"]) if not args.no_ema else state["model"])
+    if args.format == "diffusers":
+        interop.save_diffusers(ddpm.model, args.out)
+    else:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        weights = {k: v.contiguous() for k, v in ddpm.state_dict().items()}
+        save_file(weights, args.out, metadata={"ddpm_fast_config": json.dumps(state["config"]["model"])})
+    print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} ({args.format}): {args.out}")
 
 
 def demo(args) -> None:
@@ -134,6 +190,7 @@ def demo(args) -> None:
     per_epoch = max(1, 1797 // args.batch_size)  # batches of the digits per epoch
     args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
     args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False
+    args.channels_last = False
     if args.fused and not kernels.use_triton(torch.device(args.device)):
         print(f"demo: no Triton kernels on {args.device} here; the eager PyTorch path (same results)")
         args.fused = False
@@ -185,18 +242,38 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-samples", type=_positive_int, default=64)
     t.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for grids (>= T: ancestral)")
     t.add_argument("--num-workers", type=int, default=2)
+    t.add_argument("--channels-last", action="store_true",
+                   help="the U-Net and its batches NHWC (channels_last): no layout copies, fused")  # fmt: skip
     t.add_argument("--resume", action="store_true", help="go on from OUT/checkpoint.pt")
     t.set_defaults(func=train)
 
-    s = sub.add_parser("sample", help="sample from a checkpoint into a PNG grid or an .npz")
+    s = sub.add_parser("sample", help="sample from a checkpoint (or a diffusers folder) into a PNG grid or an .npz")
     _common(s, "samples.png")
-    s.add_argument("--checkpoint", required=True)
+    source = s.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", help="a ddpm-fast checkpoint.pt")
+    source.add_argument(
+        "--diffusers",
+        help="a diffusers UNet2DModel folder (config.json + weights), or a pipeline "
+        "folder with unet/ and scheduler/: e.g. google/ddpm-cifar10-32, the paper's",
+    )
     s.add_argument("--n", type=_positive_int, default=64)
+    s.add_argument("--batch-size", type=_positive_int, default=256, help="images sampled at once")
     s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
     s.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--timestep-spacing", choices=["leading", "linspace", "trailing"], default="leading",
+                   help="DDIM timesteps, as diffusers' DDIMScheduler spaces them (default leading)")  # fmt: skip
+    s.add_argument("--cuda-graph", choices=sorted(CUDA_GRAPH), default="auto",
+                   help="replay each step as a CUDA graph (auto: on CUDA at batch <= 64)")  # fmt: skip
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     s.set_defaults(func=sample)
+
+    e = sub.add_parser("export", help="write a checkpoint's weights as safetensors or a diffusers folder")
+    e.add_argument("--checkpoint", required=True)
+    e.add_argument("--out", required=True, help="a .safetensors file, or a folder with --format diffusers")
+    e.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors")
+    e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
+    e.set_defaults(func=export)
 
     d = sub.add_parser("demo", help="train a small DDPM on the built-in digits (no download), write samples.png")
     _common(d, "runs/demo")

@@ -1,10 +1,11 @@
 """Training: one optimisation step (NVTX-named), and the Trainer that runs the paper's recipe.
 
-Trainer: Adam (lr 2e-4, linear warmup), gradient clipping at 1.0, an EMA of the weights
-(torch.optim.swa_utils.AveragedModel, buffers included), bf16/fp16 autocast (a GradScaler for
-fp16), sample grids from the EMA weights every N epochs, a tqdm bar with the loss and
-images/s, a CSV loss log and a loss-curve PNG. Checkpoints hold the model, EMA, optimizer,
-scheduler, scaler, the position in the epoch and every RNG state, are written to a
+Trainer: Adam (lr 2e-4, linear warmup; torch's fused Adam on CUDA), gradient clipping at 1.0,
+an EMA of the weights (buffers included), bf16/fp16 autocast (a GradScaler for fp16), sample
+grids from the EMA weights every N epochs, a tqdm bar with the loss and images/s, a CSV loss log
+and a loss-curve PNG. No step waits for the GPU: the losses stay on the device and are read
+every `log_every` steps in one transfer, the EMA keeps its count on the host. Checkpoints hold
+the model, EMA, optimizer, scheduler, scaler, the position in the epoch and every RNG state, are written to a
 temporary file and renamed, and resume a run so that it goes on exactly as if never
 stopped. Under torchrun it trains with DistributedDataParallel: each rank reads its own
 shard; only rank 0 writes.
@@ -17,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.utils import save_image
 from tqdm.auto import tqdm
@@ -78,11 +78,13 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimiser steps in total
     num_workers: int = 0
     progress: bool = True
+    log_every: int = 10  # steps between reads of the loss (the only host sync of the loop)
+    channels_last: bool = False  # the U-Net and the batches in NHWC (the kernels read it natively)
 
     def __post_init__(self):
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "num_samples", "sample_steps"):
+        for name in ("epochs", "batch_size", "num_samples", "sample_steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0.0 <= self.ema_decay < 1.0:
@@ -128,8 +130,46 @@ class _SkipSampler(Sampler):
 
 
 def ema_model_state(ema_state: dict) -> dict:
-    """The EMA weights of a checkpoint as a DDPM state_dict (AveragedModel prefixes `module.`)."""
+    """The EMA weights of a checkpoint as a DDPM state_dict (the EMA's keys carry `module.`)."""
     return {k[len("module.") :]: v for k, v in ema_state.items() if k.startswith("module.")}
+
+
+class EMA:
+    """An exponential moving average of a module's parameters and floating buffers:
+    ema = decay * ema + (1 - decay) * current, the first update a copy. One foreach lerp per
+    update and the count on the host: no host sync (torch's AveragedModel keeps its count on the
+    device and tests it each update). Its state_dict has AveragedModel's layout (`module.` keys
+    and `n_averaged`), so checkpoints of either load into the other."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        import copy
+
+        self.module = copy.deepcopy(module).requires_grad_(False)
+        self.decay = decay
+        self.num_updates = 0
+
+    def _tensors(self, module):
+        params = list(module.parameters())
+        buffers = [b for b in module.buffers() if b.is_floating_point()]
+        return params + buffers
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        ema, current = self._tensors(self.module), [t.detach() for t in self._tensors(module)]
+        if self.num_updates == 0:
+            torch._foreach_copy_(ema, current)
+        else:
+            torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+        self.num_updates += 1
+
+    def state_dict(self) -> dict:
+        state = {f"module.{k}": v for k, v in self.module.state_dict().items()}
+        state["n_averaged"] = torch.tensor(self.num_updates, dtype=torch.long)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(ema_model_state(state))
+        self.num_updates = int(state["n_averaged"])
 
 
 def _distributed() -> tuple[int, int]:
@@ -153,12 +193,17 @@ class Trainer:
                 f"({config.batch_size} x {self.world} processes)"
             )
         ddpm.to(self.device)
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        if config.channels_last:
+            ddpm.to(memory_format=torch.channels_last)
         self.net = ddpm
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(ddpm, device_ids=ids)
-        self.ema = AveragedModel(ddpm, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True)
-        self.optimizer = torch.optim.Adam(ddpm.parameters(), lr=config.lr)
+        self.ema = EMA(ddpm, config.ema_decay)
+        # torch's fused Adam on CUDA: one kernel for all parameters, no host sync (its step count
+        # stays on the device, and a GradScaler hands it found_inf without reading it).
+        self.optimizer = torch.optim.Adam(ddpm.parameters(), lr=config.lr, fused=self.device.type == "cuda")
         warmup = max(1, config.warmup)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: min(1.0, (s + 1) / warmup))
         self.scaler = torch.amp.GradScaler(self.device.type) if config.amp == "fp16" else None
@@ -170,6 +215,7 @@ class Trainer:
         self.step = self.epoch = self.batch_in_epoch = 0
         self.losses: list[tuple[int, float]] = []
         self._log_rows: list[list] = []  # loss.csv rows not yet written
+        self._pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, lr, loss on the device)
         self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
         self.log_path = os.path.join(config.out_dir, "loss.csv")
 
@@ -192,6 +238,7 @@ class Trainer:
         }
 
     def save(self) -> None:
+        self._read_losses()
         if self.rank == 0:
             os.makedirs(self.config.out_dir, exist_ok=True)
             self._flush_log()
@@ -251,19 +298,19 @@ class Trainer:
                 bar = tqdm(self._loader(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.batch_in_epoch,
                            total=per_epoch, disable=not cfg.progress or self.rank != 0)  # fmt: skip
                 for x0, _ in bar:
-                    loss = train_step(self.net, x0.to(self.device, non_blocking=True), self.optimizer,
-                                      cfg.grad_clip, self.scaler, amp, self.generator)  # fmt: skip
+                    x0 = x0.to(self.device, non_blocking=True, memory_format=self.memory_format)
+                    loss = train_step(self.net, x0, self.optimizer, cfg.grad_clip, self.scaler, amp, self.generator)
+                    lr = self.scheduler.get_last_lr()[0]
                     self.scheduler.step()
-                    self.ema.update_parameters(self.ddpm)
+                    self.ema.update(self.ddpm)
                     self.step += 1
                     self.batch_in_epoch += 1
-                    value = loss.item()
-                    self.losses.append((self.step, value))
-                    self._log(value)
-                    rate = bar.format_dict.get("rate") or 0.0
-                    bar.set_postfix(loss=f"{value:.4f}", img_s=f"{rate * cfg.batch_size * self.world:.0f}")
+                    self._pending.append((self.step, self.epoch, lr, loss))
+                    if len(self._pending) >= cfg.log_every:
+                        self._read_losses(bar)
                     if cfg.max_steps is not None and self.step >= cfg.max_steps:
                         break
+                self._read_losses(bar)
                 bar.close()
                 if self.batch_in_epoch >= per_epoch:
                     self.epoch += 1
@@ -280,10 +327,21 @@ class Trainer:
             self.plot_losses()
         return self.losses
 
-    def _log(self, loss: float) -> None:
-        """Keep the row; rows reach loss.csv with the checkpoint (no file I/O per step)."""
-        if self.rank == 0:
-            self._log_rows.append([self.step, self.epoch, f"{loss:.6f}", f"{self.scheduler.get_last_lr()[0]:.3e}"])
+    def _read_losses(self, bar=None) -> None:
+        """Bring the pending losses to the host in one transfer (the loop's one sync every
+        log_every steps), keep their rows for loss.csv (written with the checkpoint) and show
+        the latest on the bar."""
+        if not self._pending:
+            return
+        values = torch.stack([loss for *_, loss in self._pending]).float().cpu().tolist()
+        for (step, epoch, lr, _), value in zip(self._pending, values):
+            self.losses.append((step, value))
+            if self.rank == 0:
+                self._log_rows.append([step, epoch, f"{value:.6f}", f"{lr:.3e}"])
+        self._pending.clear()
+        if bar is not None:
+            rate = bar.format_dict.get("rate") or 0.0
+            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate * self.config.batch_size * self.world:.0f}")
 
     def _flush_log(self) -> None:
         new = not os.path.isfile(self.log_path)
