@@ -2,7 +2,7 @@ from setuptools import setup
 
 setup(
     name="ddpm-fast",
-    version="0.1.0",
+    version="0.2.0",
     description="Denoising Diffusion Probabilistic Models with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
@@ -18,9 +18,17 @@ setup(
         "numpy>=1.24",
         "tqdm>=4.60",
         "matplotlib>=3.5",
+        "safetensors>=0.4",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.5", "scikit-learn>=1.3"],
+        "dev": [
+            "pytest>=8",
+            "pytest-benchmark>=4",
+            "pytest-xdist>=3.5",
+            "ruff>=0.5",
+            "scikit-learn>=1.3",
+            "diffusers>=0.30",
+        ],
     },
     entry_points={"console_scripts": ["ddpm-fast = ddpm_fast.cli:main"]},
 )

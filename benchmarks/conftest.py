@@ -43,7 +43,14 @@ def measure(benchmark):
     """measure(group, fn, bytes=..., flops=...): time fn() (synchronised), group eager and
     fused side by side, and record the throughput the op reaches."""
 
-    def run(group: str, fn, bytes: int | None = None, flops: float | None = None):
+    def run(
+        group: str,
+        fn,
+        bytes: int | None = None,
+        flops: float | None = None,
+        rounds: int | None = None,
+        iterations: int | None = None,
+    ):
         benchmark.group = group
 
         def timed():
@@ -52,7 +59,9 @@ def measure(benchmark):
             return out
 
         if CUDA:
-            benchmark.pedantic(timed, rounds=20, iterations=5, warmup_rounds=3)
+            benchmark.pedantic(
+                timed, rounds=rounds or 20, iterations=iterations or 5, warmup_rounds=3 if rounds is None else 1
+            )
         else:
             benchmark.pedantic(timed, rounds=3, iterations=1, warmup_rounds=1)
         mean = benchmark.stats.stats.mean

@@ -36,3 +36,20 @@ def test_sampling_step(measure, impl, batch):
     x = torch.randn(batch, 3, 32, 32, device=DEVICE)
     t = torch.full((batch,), 500, device=DEVICE, dtype=torch.long)
     measure(f"sampling step, 35.7M U-Net, batch {batch}", lambda: ddpm.p_sample(x, t))
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["launches", "cuda-graph"])
+@pytest.mark.parametrize("batch", [1, 16, 256])
+def test_ddim100_run(measure, batch, cuda_graph):
+    """A whole DDIM sampling run of 100 steps with FastDDPM, each step launched from Python or
+    replayed as one captured CUDA graph (the graph is captured in the warmup round)."""
+    if not CUDA:
+        pytest.skip("CUDA graphs and the fused kernels are timed on a CUDA device; this machine has none")
+    ddpm = make("fused").eval()
+    generator = torch.Generator(DEVICE)
+
+    def run():
+        generator.manual_seed(0)
+        return ddpm.ddim_sample(batch, steps=100, generator=generator, progress=False, cuda_graph=cuda_graph)
+
+    measure(f"DDIM-100 run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)
