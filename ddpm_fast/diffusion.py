@@ -6,6 +6,8 @@ or ddpm_fast.kernels (fused), picked by the `fused` flag, which also switches th
 U-Net's GroupNorm+SiLU and attention when the model supports it.
 """
 
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -19,6 +21,30 @@ from ddpm_fast.profiling import nvtx_range
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+
+_WARNED: set = set()  # keys of the warnings warn_once has given in this process
+
+
+def _internal_dirs() -> tuple[str, ...]:
+    from ddpm_fast import kernels
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    return here + os.sep, os.path.dirname(os.path.abspath(kernels.__file__)) + os.sep, \
+        os.path.dirname(os.path.abspath(torch.__file__)) + os.sep  # fmt: skip
+
+
+def warn_once(key, message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """warnings.warn(message) the first time `key` is seen in this process, attributed to the
+    first frame outside ddpm_fast, its kernels and torch (the user's line), so that the warnings
+    module filters it by the user's module and PYTHONWARNINGS / -W silence it."""
+    if key in _WARNED:
+        return
+    _WARNED.add(key)
+    internal = _internal_dirs()
+    frame, level = sys._getframe(1), 2
+    while frame.f_back is not None and os.path.abspath(frame.f_code.co_filename).startswith(internal):
+        frame, level = frame.f_back, level + 1  # (no outside frame, as under `ddpm-fast`: the outermost)
+    warnings.warn(message, category, stacklevel=level)
 
 
 def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> list[tuple[int, int]]:
@@ -83,7 +109,6 @@ class DDPM(nn.Module):
     def set_fused(self, fused: bool = True) -> "DDPM":
         """Run the diffusion ops (and the U-Net's, if it has the switch) fused or eager."""
         self.fused = bool(fused)
-        self._eager_warned = False
         if hasattr(self.model, "set_fused"):
             self.model.set_fused(fused)
         self._graphs.clear()
@@ -97,16 +122,26 @@ class DDPM(nn.Module):
             return reference
         from ddpm_fast import kernels
 
-        if not self._eager_warned and not torch.compiler.is_compiling() and not kernels.use_triton(device):
-            self._eager_warned = True
-            warnings.warn(
+        if not torch.compiler.is_compiling() and not kernels.use_triton(device):
+            mode = kernels.get_kernel_mode()
+            warn_once(
+                ("eager fallback", torch.device(device).type, mode),
                 f"{type(self).__name__}: the fused kernels do not run on {device} here "
-                f"(DDPM_FAST_KERNELS={kernels.get_kernel_mode()}, Triton interpreter "
-                f"{'on' if kernels.interpreter_on() else 'off'}); running the eager PyTorch path, same results",
-                RuntimeWarning,
-                stacklevel=3,
+                f"(DDPM_FAST_KERNELS={mode}, Triton interpreter {'on' if kernels.interpreter_on() else 'off'}); "
+                "running the eager PyTorch path, same results",
             )
         return kernels
+
+    def kernel_path(self, device: torch.device | str | None = None) -> str:
+        """ "fused" if the Triton kernels run on `device` (default: where the buffers are), else
+        "eager" (a fused model that falls back says so once, here)."""
+        device = torch.device(device) if device is not None else self.betas.device
+        if not self.fused:
+            return "eager"
+        from ddpm_fast import kernels
+
+        self._ops(device)
+        return "fused" if kernels.use_triton(device) else "eager"
 
     def _model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The model's prediction; a model that returns an object with `.sample` (diffusers'
@@ -116,11 +151,24 @@ class DDPM(nn.Module):
 
     # -- training (Algorithm 1) ---------------------------------------------------------
 
-    def _check_images(self, name: str, x: torch.Tensor) -> None:
+    def _check_images(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """Checks x's metadata (no sync) and returns it in the model's floating dtype (float16 or
+        bfloat16 images with a float32 model are cast up; autocast still runs the convolutions in
+        its own dtype)."""
         checks.check_float(name, x, ndim=4)
         expected = (self.channels, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name} must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): pass at least one image")
+        dtype = self._model_dtype()
+        return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+    def _model_dtype(self) -> torch.dtype | None:
+        for p in self.model.parameters():
+            if p.is_floating_point():
+                return p.dtype
+        return None
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (eq. 4). t is checked here
@@ -140,21 +188,25 @@ class DDPM(nn.Module):
         t: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        check_t: bool = True,
     ) -> torch.Tensor:
         """The simple objective L_simple (eq. 14): || target - model(x_t, t) ||^2, averaged.
 
         The target is eps (epsilon), x_0 (sample) or v = sqrt(abar) eps - sqrt(1 - abar) x_0
         (v_prediction). t and noise are drawn (from `generator` if given) unless passed; a t
-        that is passed is checked (one host sync), a drawn one needs no check: no host sync.
+        that is passed is checked (one host sync; check_t=False checks only its metadata), a
+        drawn one needs no check: no host sync.
         """
-        self._check_images("x0", x0)
+        x0 = self._check_images("x0", x0)
         b = x0.shape[0]
         if t is None:
             t = torch.randint(0, self.num_timesteps, (b,), device=x0.device, generator=generator)
         else:
-            checks.check_timesteps("t", t, b, self.num_timesteps, x0.device)
+            checks.check_timesteps("t", t, b, self.num_timesteps, x0.device, values=check_t)
         if noise is None:  # in x0's layout (channels_last stays so); the values of torch.randn for NCHW
             noise = torch.empty_like(x0).normal_(generator=generator)
+        elif isinstance(noise, torch.Tensor) and noise.is_floating_point() and noise.dtype != x0.dtype:
+            noise = noise.to(x0.dtype)
         with nvtx_range("forward"):
             out = self._model(self._q_sample(x0, t, noise), t)
         with nvtx_range("loss"):
@@ -187,7 +239,7 @@ class DDPM(nn.Module):
     ) -> torch.Tensor:
         """One reverse step: x_{t-1} ~ p(x_{t-1} | x_t), t an integer tensor of shape (B,),
         checked here (one host sync). z is `noise`, else drawn from `generator`."""
-        self._check_images("x_t", x_t)
+        x_t = self._check_images("x_t", x_t)
         checks.check_timesteps("t", t, x_t.shape[0], self.num_timesteps, x_t.device)
         checks.check_noise_source(noise_source)
         return self._p_sample(x_t, t, noise, clip_denoised, generator, noise_source)

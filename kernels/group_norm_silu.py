@@ -44,6 +44,8 @@ Traffic per element (float32, bytes), one tensor pass = 4 (`python -m ddpm_fast.
     reductions), the add's backward (read 4): 28-32.
 """
 
+import math
+
 import torch
 import triton
 import triton.language as tl
@@ -354,7 +356,7 @@ def _gn_param_grad_kernel(
 
 def _as_bchw(x: torch.Tensor) -> torch.Tensor:
     """(B, C, *spatial) as a (B, C, HW) view (a copy only if the spatial dims do not collapse)."""
-    return x.reshape(x.shape[0], x.shape[1], -1)
+    return x.reshape(x.shape[0], x.shape[1], math.prod(x.shape[2:]))  # (-1 is ambiguous for a batch of 0)
 
 
 def output_memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from ddpm_fast import DDPM, FastDDPM, GroupNormSiLU, UNet, UNetConfig, fuse
+from ddpm_fast import DDPM, FastDDPM, GroupNormSiLU, UNet, UNetConfig, diffusion, fuse
 
 common = importlib.import_module("ddpm_fast.kernels._common")
 
@@ -61,6 +61,7 @@ def test_checkpoints_load_both_ways():
 
 
 def test_eager_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(diffusion, "_WARNED", set())
     monkeypatch.setattr(common, "INTERPRET", False)
     monkeypatch.delenv("DDPM_FAST_KERNELS", raising=False)
     eager, fast = pair()

@@ -8,7 +8,6 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Subset
 
-import ddpm_fast.train as train_module
 from ddpm_fast import DDPM, UNet, UNetConfig
 from ddpm_fast.cli import main
 from ddpm_fast.data import digits_dataset
@@ -53,26 +52,6 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(tmp_path):
     assert first.losses + resumed == straight  # exactly: same data order, noise, dropout
     log = (tmp_path / "b" / "loss.csv").read_text().splitlines()
     assert [int(r.split(",")[0]) for r in log[1:]] == list(range(1, 9))
-
-
-def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path, monkeypatch):
-    straight = trainer(tmp_path / "a").train()
-    real, calls = train_module.train_step, []
-
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 6:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "train_step", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        trainer(tmp_path / "b").train()
-    monkeypatch.setattr(train_module, "train_step", real)
-    assert load_checkpoint(str(tmp_path / "b" / "checkpoint.pt"))["step"] == 5
-    t = trainer(tmp_path / "b")
-    t.resume()
-    assert t.train() == straight[5:]
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
