@@ -21,6 +21,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
+        # FID / Inception Score: torchmetrics' metrics on torch-fidelity's port of the TF Inception
+        "fid": ["torchmetrics>=1.4", "torch-fidelity>=0.3"],
+        "tensorboard": ["tensorboard>=2.14"],
         "dev": [
             "pytest>=8",
             "pytest-benchmark>=4",
@@ -28,6 +31,9 @@ setup(
             "ruff>=0.5",
             "scikit-learn>=1.3",
             "diffusers>=0.30",
+            "torchmetrics>=1.4",
+            "torch-fidelity>=0.3",
+            "tensorboard>=2.14",
         ],
     },
     entry_points={"console_scripts": ["ddpm-fast = ddpm_fast.cli:main"]},
