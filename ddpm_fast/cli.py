@@ -1,4 +1,4 @@
-"""The `ddpm-fast` command: train, sample, export, demo.
+"""The `ddpm-fast` command: train, sample, export, fid, demo.
 
 ddpm-fast demo                                    small model, built-in digits, a few minutes on a CPU
 ddpm-fast train --dataset cifar10 --class airplane --data-root data --out runs/airplane
@@ -6,14 +6,16 @@ torchrun --nproc_per_node 4 -m ddpm_fast.cli train ...   # DistributedDataParall
 ddpm-fast sample --checkpoint runs/airplane/checkpoint.pt --n 64 --out samples.png
 ddpm-fast sample --diffusers ddpm-cifar10-32 --n 64 --out samples.png    # the paper's released model
 ddpm-fast export --checkpoint runs/airplane/checkpoint.pt --out airplane.safetensors
+ddpm-fast fid cifar10 samples.npz --class airplane --data-root data   # FID (torchmetrics)
 """
 
 import argparse
 import json
+import math
 import os
+import shlex
 import sys
 import time
-import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -22,19 +24,62 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from ddpm_fast import interop, kernels
-from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, make_dataset
+from ddpm_fast import interop, kernels, runs
+from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
-from ddpm_fast.train import CheckpointError, TrainConfig, Trainer, ema_model_state, load_checkpoint
+from ddpm_fast.train import (
+    CheckpointError,
+    NonFiniteLossError,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    ema_model_state,
+    load_checkpoint,
+)
 from ddpm_fast.unet import PRESETS, UNet, UNetConfig
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
+def _number(kind, low=None, high=None, low_open=False, high_open=False, what=""):
+    """An argparse type: `kind` in [low, high] (open ends where asked); argparse's error names
+    the option."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text}")
+        if (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+
+    return parse
+
+
+_positive_int = _number(int, 1, what="a positive integer")
+_count = _number(int, 0, what="an integer >= 0")
+_positive_float = _number(float, 0.0, low_open=True, what="> 0")
+_fraction = _number(float, 0.0, 1.0, high_open=True, what="in [0, 1)")
+_unit = _number(float, 0.0, 1.0, what="in [0, 1]")
+
+
+def _device(text: str) -> torch.device:
+    try:
+        return runs.parse_device(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix(f"--device {text}: ")) from None
+
+
+def _resume_command() -> str:
+    """The command line that resumed this run: the same arguments with --resume."""
+    argv = [a for a in sys.argv[1:] if a != "--overwrite"]
+    if "--resume" not in argv:
+        argv.append("--resume")
+    return " ".join(["ddpm-fast", *map(shlex.quote, argv)])
 
 
 def _build(model_config: dict, fused: bool) -> DDPM:
@@ -52,34 +97,60 @@ def _model_config(args, channels: int) -> dict:
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     unet = UNetConfig(**{**asdict(base), **overrides})
-    ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type}
+    ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type,
+            "variance_type": args.variance_type}  # fmt: skip
     return {"unet": asdict(unet), "ddpm": ddpm}
 
 
-def _setup_distributed(device_arg: str) -> torch.device:
+def _setup_distributed(device: torch.device) -> torch.device:
     """Under torchrun (WORLD_SIZE > 1): join the process group (NCCL on GPUs, gloo on CPUs)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device_arg.startswith("cuda") and torch.cuda.is_available()
+    use_cuda = device.type == "cuda"
     if world > 1:
         dist.init_process_group("nccl" if use_cuda else "gloo")
         if use_cuda:
             local = int(os.environ.get("LOCAL_RANK", "0"))
             torch.cuda.set_device(local)
             return torch.device("cuda", local)
-    return torch.device(device_arg)
+    return device
+
+
+def _hints(args, ddpm: DDPM, trainer: Trainer, device: torch.device) -> None:
+    """Say before the run when it cannot give samples worth looking at."""
+    per_epoch = len(trainer.sampler) // trainer.step_batch
+    planned = args.epochs * per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * per_epoch)
+    n_params = sum(p.numel() for p in ddpm.model.parameters())
+    if device.type == "cpu" and n_params > 5_000_000:
+        print(f"note: a {n_params / 1e6:.1f}M-parameter U-Net takes many seconds per step on a CPU; for a run that "
+              "gives samples in minutes use `ddpm-fast demo`, or --preset small --image-size 16")  # fmt: skip
+    if args.warmup > planned:
+        print(f"note: --warmup {args.warmup} is longer than this run ({planned} steps): the learning rate never "
+              f"reaches --lr {args.lr:g}, and the samples will look like noise; pass a smaller --warmup")  # fmt: skip
 
 
 def train(args) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    lock = runs.prepare_run_dir(args.out, args.resume, args.overwrite) if rank == 0 else None
+    try:
+        _train(args)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(args) -> None:
     device = _setup_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     try:
         channels = 1 if args.dataset == "digits" else 3
-        dataset = make_dataset(args.dataset, args.image_size, args.data_root, args.class_name, args.download, channels)
+        dataset = make_dataset(args.dataset, args.image_size, args.data_root, args.class_name, args.download, channels,
+                               getattr(args, "digits_split", "all"))  # fmt: skip
         config = TrainConfig(
             out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
             ema_decay=args.ema_decay, amp=args.amp, sample_every=args.sample_every, num_samples=args.num_samples,
             sample_steps=args.sample_steps, seed=args.seed, max_steps=args.max_steps, num_workers=args.num_workers,
-            channels_last=args.channels_last,
+            channels_last=args.channels_last, grad_accum=args.grad_accum, save_every=args.save_every, keep=args.keep,
+            tensorboard=args.tensorboard, fid_every=args.fid_every, fid_samples=args.fid_samples,
         )  # fmt: skip
         model_config = _model_config(args, channels)
         resume_path = os.path.join(args.out, "checkpoint.pt") if args.resume else None
@@ -87,16 +158,21 @@ def train(args) -> None:
             model_config = load_checkpoint(resume_path)["config"]["model"]
         torch.manual_seed(args.seed)
         ddpm = _build(model_config, args.fused)
-        trainer = Trainer(ddpm, dataset, config, device, model_config)
+        trainer = Trainer(ddpm, dataset, config, device, model_config, fid_weights=args.inception_weights)
         if resume_path:
             trainer.resume(resume_path)
         if rank == 0:
             n_params = sum(p.numel() for p in ddpm.model.parameters())
             world = dist.get_world_size() if dist.is_initialized() else 1
-            path = "fused" if args.fused else "eager"
             print(f"training a {n_params:,}-parameter U-Net on {len(dataset):,} images ({args.dataset}) on {device}"
-                  f" x {world}, {path}; from step {trainer.step}; out: {args.out}")  # fmt: skip
-        trainer.train()
+                  f" x {world}, {ddpm.kernel_path(device)}; from step {trainer.step}; out: {args.out}")  # fmt: skip
+            _hints(args, ddpm, trainer, device)
+        try:
+            trainer.train()
+        except TrainingInterrupted as e:
+            if rank == 0:
+                print(f"\n{e}" + (f"; go on with:\n  {_resume_command()}" if e.saved else ""), file=sys.stderr)
+            raise
         if rank == 0:
             print(f"done at step {trainer.step}: {trainer.checkpoint_path}, {trainer.log_path}")
     finally:
@@ -152,8 +228,12 @@ def save_images(images: torch.Tensor, path: str) -> None:
         save_image(images, path, nrow=int(np.ceil(np.sqrt(images.shape[0]))), padding=1)
 
 
+SAMPLE_EXTENSIONS = (*runs.IMAGE_EXTENSIONS, ".npz")
+
+
 def sample(args) -> None:
-    device = torch.device(args.device)
+    runs.check_output_file(args.out, SAMPLE_EXTENSIONS)  # before any sampling
+    device = args.device
     if args.diffusers:
         ddpm = _load_diffusers(args.diffusers, args.fused, device)
     else:
@@ -167,6 +247,10 @@ def sample(args) -> None:
 def export(args) -> None:
     """A checkpoint's weights (EMA by default) as safetensors: our state_dict with the model
     config in the metadata, or a diffusers UNet2DModel folder (--format diffusers)."""
+    if args.format == "safetensors":
+        runs.check_output_file(args.out, (".safetensors",))
+    elif os.path.isfile(args.out):
+        raise runs.RunDirError(f"--out {args.out!r} is a file; --format diffusers writes a folder")
     state = load_checkpoint(args.checkpoint)
     ddpm = _build(state["config"]["model"], fused=False)
     ddpm.load_state_dict(ema_model_state(state["ema"]) if not args.no_ema else state["model"])
@@ -181,73 +265,148 @@ def export(args) -> None:
     print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} ({args.format}): {args.out}")
 
 
+def fid(args) -> None:
+    """FID between two image sources (and the Inception Score of the second with --isc)."""
+    from ddpm_fast import metrics
+
+    kwargs = dict(weights=args.inception_weights, batch_size=args.batch_size, device=args.device, limit=args.limit,
+                  class_name=args.class_name, data_root=args.data_root)  # fmt: skip
+    for name in (args.a, args.b):
+        if name not in ("cifar10", "digits") and not os.path.exists(name):
+            raise FileNotFoundError(f"{name!r}: no such .npz file or image folder (nor cifar10 / digits)")
+    metrics.inception_weights(args.inception_weights)  # fails within seconds when it cannot be had
+    value = metrics.fid(args.a, args.b, **kwargs)
+    print(f"FID {value:.3f}  ({args.a} vs {args.b}; torchmetrics, torch-fidelity's Inception)")
+    if args.isc:
+        mean, std = metrics.inception_score(args.b, **{k: v for k, v in kwargs.items()})
+        print(f"Inception Score of {args.b}: {mean:.3f} +- {std:.3f}")
+
+
 def demo(args) -> None:
     """A small U-Net on the built-in digits: trains for a few minutes on a CPU and writes
     samples.png (from the EMA weights) and loss.png."""
     args.dataset, args.data_root, args.class_name, args.download = "digits", None, None, False
     args.preset, args.image_size, args.dropout = "demo", 8, 0.0  # the digits' own 8x8
     args.timesteps, args.beta_schedule, args.prediction_type = 1000, "linear", "epsilon"
-    per_epoch = max(1, 1797 // args.batch_size)  # batches of the digits per epoch
+    per_epoch = max(1, (1797 - DIGITS_TEST) // args.batch_size)  # batches of the training digits per epoch
     args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
     args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False
-    args.channels_last = False
-    if args.fused and not kernels.use_triton(torch.device(args.device)):
+    args.variance_type, args.digits_split = "fixed_small", "train"  # the last 360 digits are held out
+    args.channels_last, args.grad_accum, args.save_every, args.keep, args.tensorboard = False, 1, 0, 0, False
+    args.fid_every, args.fid_samples, args.inception_weights = 0, 1, None
+    if args.fused and not kernels.use_triton(args.device):
         print(f"demo: no Triton kernels on {args.device} here; the eager PyTorch path (same results)")
         args.fused = False
     start = time.perf_counter()
-    train(args)
-    ddpm = _load_for_sampling(os.path.join(args.out, "checkpoint.pt"), args.fused, torch.device(args.device))
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    images = ddpm.ddim_sample(args.num_samples, steps=args.sample_steps, generator=generator, device=args.device)
-    path = os.path.join(args.out, "samples.png")
-    images = F.interpolate((images.float() + 1) / 2, scale_factor=4, mode="nearest")  # 8x8 is small to look at
-    save_image(images, path, nrow=8, padding=2)
+    lock = runs.prepare_run_dir(args.out, resume=False, overwrite=args.overwrite)
+    try:
+        _train(args)
+        ddpm = _load_for_sampling(os.path.join(args.out, "checkpoint.pt"), args.fused, args.device)
+        generator = torch.Generator(args.device).manual_seed(args.seed)
+        images = ddpm.ddim_sample(args.num_samples, steps=args.sample_steps, generator=generator, device=args.device)
+        path = os.path.join(args.out, "samples.png")
+        grid = F.interpolate((images.float() + 1) / 2, scale_factor=4, mode="nearest")  # 8x8 is small to look at
+        save_image(grid, path, nrow=8, padding=2)
+        if args.quality:
+            _demo_quality(ddpm, args)
+    finally:
+        lock.release()
     print(f"demo done in {time.perf_counter() - start:.0f} s: {path}, {os.path.join(args.out, 'loss.png')}")
 
 
+def _demo_quality(ddpm: DDPM, args) -> None:
+    """The demo's quality figure: the Frechet distance between 360 samples and the 360 held-out
+    digits, in the feature space of a small classifier trained on the 1,437 training digits,
+    next to the same distance for 360 real training digits (the floor a perfect model reaches)."""
+    from ddpm_fast import metrics
+
+    train_x, train_y = digits_dataset(8, "train").tensors
+    test_x, test_y = digits_dataset(8, "test").tensors
+    net = metrics.train_digits_features(train_x, train_y, seed=args.seed)
+    accuracy = (net.logits(test_x).argmax(1) == test_y).float().mean().item()
+    generator = torch.Generator(args.device).manual_seed(args.seed + 1)
+    samples = ddpm.ddim_sample(DIGITS_TEST, steps=args.sample_steps, generator=generator, device=args.device,
+                               progress=False).cpu()  # fmt: skip
+    real = train_x[torch.randperm(len(train_x), generator=torch.Generator().manual_seed(args.seed))[:DIGITS_TEST]]
+    fd_samples = metrics.frechet_distance(net, test_x, samples)
+    fd_real = metrics.frechet_distance(net, test_x, real)
+    print(f"Frechet distance to the {DIGITS_TEST} held-out digits, in a digits classifier's features "
+          f"({accuracy:.1%} held-out accuracy): samples {fd_samples:.2f}, real training digits {fd_real:.2f} "
+          "(lower is better; the real digits' value is the floor)")  # fmt: skip
+
+
 def _common(p: argparse.ArgumentParser, out: str) -> None:
-    p.add_argument("--out", default=out, help=f"output folder (default {out})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=out, help="output folder" if "." not in out else "output file")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, cuda:1, ...")  # fmt: skip
     p.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                   help="FastDDPM's Triton kernels (default); --no-fused: the eager DDPM")  # fmt: skip
+                   help="FastDDPM's Triton kernels; --no-fused: the eager DDPM")  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Train and sample DDPMs (Ho et al. 2020).")
     sub = parser.add_subparsers(dest="command", required=True)
+    fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
 
-    t = sub.add_parser("train", help="train a DDPM, writing checkpoints, sample grids and a loss log")
+    t = sub.add_parser("train", help="train a DDPM, writing checkpoints, sample grids and a loss log", **fmt)
     _common(t, "runs/train")
-    t.add_argument("--dataset", choices=DATASETS, default="digits")
+    t.add_argument("--dataset", choices=DATASETS, default="digits", help="training images")
     t.add_argument("--data-root", help="CIFAR-10's folder (holding cifar-10-batches-py) or an image folder")
     t.add_argument("--class", dest="class_name", help=f"CIFAR-10 class to keep: {', '.join(CIFAR10_CLASSES)} or 0-9")
     t.add_argument("--download", action="store_true", help="download CIFAR-10 into --data-root")
-    t.add_argument("--image-size", type=_positive_int, default=32)
+    t.add_argument("--image-size", type=_positive_int, default=32, help="images are resized to this")
     t.add_argument("--preset", choices=sorted(PRESETS), default="cifar10",
                    help="cifar10: the paper's 35.7M U-Net; small: ~1M, trains on a CPU")  # fmt: skip
-    t.add_argument("--dropout", type=float, help="override the preset's dropout")
-    t.add_argument("--timesteps", type=_positive_int, default=1000)
-    t.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear")
-    t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon")
-    t.add_argument("--epochs", type=_positive_int, default=100)
+    t.add_argument("--dropout", type=_fraction, help="override the preset's dropout")
+    t.add_argument("--timesteps", type=_positive_int, default=1000, help="diffusion steps T")
+    t.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
+    t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon",
+                   help="what the U-Net predicts")  # fmt: skip
+    t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
+                   help="the reverse process variance: posterior (small) or beta_t (large)")  # fmt: skip
+    t.add_argument("--epochs", type=_positive_int, default=100, help="passes over the data")
     t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
     t.add_argument("--batch-size", type=_positive_int, default=128,
                    help="per process: under torchrun the global batch is this x the number of processes")  # fmt: skip
-    t.add_argument("--lr", type=float, default=2e-4)
-    t.add_argument("--warmup", type=int, default=5000, help="learning-rate warmup steps")
-    t.add_argument("--ema-decay", type=float, default=0.9999)
+    t.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam's learning rate")
+    t.add_argument("--warmup", type=_count, default=5000, help="learning-rate warmup steps")
+    t.add_argument("--ema-decay", type=_fraction, default=0.9999, help="EMA of the weights, in [0, 1)")
     t.add_argument("--amp", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
-    t.add_argument("--sample-every", type=int, default=1, help="epochs between sample grids (0: never)")
-    t.add_argument("--num-samples", type=_positive_int, default=64)
+    t.add_argument("--sample-every", type=_count, default=1, help="epochs between sample grids (0: never)")
+    t.add_argument("--num-samples", type=_positive_int, default=64, help="images in each grid")
     t.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for grids (>= T: ancestral)")
-    t.add_argument("--num-workers", type=int, default=2)
+    t.add_argument("--num-workers", type=_count, default=2, help="data-loading processes")
     t.add_argument("--channels-last", action="store_true",
                    help="the U-Net and its batches NHWC (channels_last): no layout copies, fused")  # fmt: skip
+    t.add_argument(
+        "--grad-accum",
+        type=_positive_int,
+        default=1,
+        help="micro-batches of --batch-size per optimiser step (the batch is this x --batch-size)",
+    )
+    t.add_argument(
+        "--save-every",
+        type=_count,
+        default=0,
+        help="also keep a checkpoint every this many steps as OUT/checkpoints/step_N.pt (0: no)",
+    )
+    t.add_argument("--keep", type=_count, default=0, help="the newest K of those checkpoints stay (0: all)")
+    t.add_argument(
+        "--tensorboard",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="loss, lr, FID and sample grids under OUT/tb (default: when tensorboard is installed)",
+    )
+    t.add_argument("--fid-every", type=_count, default=0, help="epochs between FIDs of the EMA weights (0: never)")
+    t.add_argument("--fid-samples", type=_positive_int, default=10_000, help="images generated for each FID")
+    t.add_argument("--inception-weights", help="the FID Inception weights file (default: torch's hub cache)")
     t.add_argument("--resume", action="store_true", help="go on from OUT/checkpoint.pt")
+    t.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run (its files go)")
     t.set_defaults(func=train)
 
-    s = sub.add_parser("sample", help="sample from a checkpoint (or a diffusers folder) into a PNG grid or an .npz")
+    s = sub.add_parser("sample", help="sample from a checkpoint (or a diffusers folder) into a PNG grid or an .npz",
+                       **fmt)  # fmt: skip
     _common(s, "samples.png")
     source = s.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint", help="a ddpm-fast checkpoint.pt")
@@ -256,11 +415,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="a diffusers UNet2DModel folder (config.json + weights), or a pipeline "
         "folder with unet/ and scheduler/: e.g. google/ddpm-cifar10-32, the paper's",
     )
-    s.add_argument("--n", type=_positive_int, default=64)
+    s.add_argument("--n", type=_positive_int, default=64, help="number of images")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="images sampled at once")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm")
+    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
     s.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    s.add_argument("--eta", type=_unit, default=0.0, help="DDIM eta in [0, 1] (0: deterministic)")
     s.add_argument("--timestep-spacing", choices=["leading", "linspace", "trailing"], default="leading",
                    help="DDIM timesteps, as diffusers' DDIMScheduler spaces them (default leading)")  # fmt: skip
     s.add_argument("--cuda-graph", choices=sorted(CUDA_GRAPH), default="auto",
@@ -268,19 +427,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     s.set_defaults(func=sample)
 
-    e = sub.add_parser("export", help="write a checkpoint's weights as safetensors or a diffusers folder")
-    e.add_argument("--checkpoint", required=True)
+    e = sub.add_parser("export", help="write a checkpoint's weights as safetensors or a diffusers folder", **fmt)
+    e.add_argument("--checkpoint", required=True, help="a ddpm-fast checkpoint.pt")
     e.add_argument("--out", required=True, help="a .safetensors file, or a folder with --format diffusers")
-    e.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors")
+    e.add_argument("--format", choices=["safetensors", "diffusers"], default="safetensors", help="output format")
     e.add_argument("--no-ema", action="store_true", help="the raw weights instead of the EMA")
     e.set_defaults(func=export)
 
-    d = sub.add_parser("demo", help="train a small DDPM on the built-in digits (no download), write samples.png")
+    f = sub.add_parser("fid", help="FID between two sets of images (.npz, image folders, cifar10)", **fmt)
+    f.add_argument("a", help="the reference: an .npz (arr_0, uint8 NHWC), an image folder, cifar10 or digits")
+    f.add_argument("b", help="the images to score, the same kinds")
+    f.add_argument("--class", dest="class_name", help="with cifar10: one class (airplane ... or 0-9)")
+    f.add_argument("--data-root", default="data", help="with cifar10: the folder holding cifar-10-batches-py")
+    f.add_argument("--limit", type=_positive_int, help="use at most this many images of each")
+    f.add_argument("--batch-size", type=_positive_int, default=200, help="images through Inception at once")
+    f.add_argument("--isc", action="store_true", help="also the Inception Score of the second set")
+    f.add_argument("--inception-weights", help="the Inception weights file (default: torch's hub cache)")
+    f.add_argument("--device", type=_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda, ...")  # fmt: skip
+    f.set_defaults(func=fid)
+
+    d = sub.add_parser("demo", help="train a small DDPM on the built-in digits (no download), write samples.png",
+                       **fmt)  # fmt: skip
     _common(d, "runs/demo")
-    d.add_argument("--steps", type=_positive_int, default=1500, help="training steps (default 1500)")
-    d.add_argument("--batch-size", type=_positive_int, default=64)
-    d.add_argument("--lr", type=float, default=1e-3)
-    d.add_argument("--num-samples", type=_positive_int, default=64)
+    d.add_argument("--steps", type=_positive_int, default=1500, help="training steps")
+    d.add_argument("--batch-size", type=_positive_int, default=64, help="images per step")
+    d.add_argument("--lr", type=_positive_float, default=1e-3, help="Adam's learning rate")
+    d.add_argument("--num-samples", type=_positive_int, default=64, help="images in samples.png")
+    d.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
+    d.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
+                   help="print the Frechet distance of 360 samples to the held-out digits")  # fmt: skip
     d.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for the grid")
     d.set_defaults(func=demo)
     return parser
@@ -289,12 +465,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("once")
-            args.func(args)
+        args.func(args)
     except (CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
         print(f"ddpm-fast {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except NonFiniteLossError as e:
+        print(f"ddpm-fast {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except TrainingInterrupted as e:
+        sys.exit(e.exit_code)  # 130 for SIGINT, 143 for SIGTERM: what shells and schedulers expect
     except KeyboardInterrupt:
         sys.exit(130)
 

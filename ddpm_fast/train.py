@@ -7,25 +7,37 @@ and a loss-curve PNG. No step waits for the GPU: the losses stay on the device a
 every `log_every` steps in one transfer, the EMA keeps its count on the host. Checkpoints hold
 the model, EMA, optimizer, scheduler, scaler, the position in the epoch and every RNG state, are written to a
 temporary file and renamed, and resume a run so that it goes on exactly as if never
-stopped. Under torchrun it trains with DistributedDataParallel: each rank reads its own
-shard; only rank 0 writes.
+stopped. SIGINT and SIGTERM stop it at the next step boundary with a save; a non-finite loss
+stops it without one. Under torchrun it trains with DistributedDataParallel: each rank reads
+its own shard; only rank 0 writes (a signal should reach every rank, as torchrun forwards it).
 """
 
+import contextlib
 import csv
 import math
 import os
+import shutil
+import signal
+import sys
+import threading
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.profiling import nvtx_range
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+FP16_NON_FINITE_PATIENCE = 10  # non-finite losses in a row that fp16 training skips before it stops
+
+
+class _StopSampling(BaseException):
+    """Raised by the signal handler to abandon a sample grid."""
 
 
 def train_step(
@@ -36,18 +48,35 @@ def train_step(
     scaler: torch.amp.GradScaler | None = None,
     autocast_dtype: torch.dtype | None = None,
     generator: torch.Generator | None = None,
+    grad_accum: int = 1,
 ) -> torch.Tensor:
     """Loss (NVTX ranges forward, loss), backward, gradient clipping and the optimiser step.
     `ddpm` is a DDPM or a DistributedDataParallel around one (its forward is the loss).
-    Returns the loss, detached and left on the device (no host sync)."""
-    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = ddpm(x0, generator=generator)
-    with nvtx_range("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-        else:
-            loss.backward()
+    With grad_accum = N, x0 is cut into N micro-batches whose gradients add up before the one
+    optimiser step: t and the noise are drawn for the whole of x0 first, so the step equals one
+    on the whole batch (up to float rounding; dropout masks aside). Returns the loss, detached
+    and left on the device (no host sync)."""
+    optimizer.zero_grad(set_to_none=True)
+    if grad_accum == 1:
+        parts = [(x0, {"generator": generator})]
+    else:
+        if x0.shape[0] % grad_accum:
+            raise ValueError(f"the batch of {x0.shape[0]} images does not split into grad_accum={grad_accum} parts")
+        core = ddpm.module if isinstance(ddpm, torch.nn.parallel.DistributedDataParallel) else ddpm
+        t = torch.randint(0, core.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+        noise = torch.empty_like(x0).normal_(generator=generator)
+        parts = [(x, {"t": tc, "noise": nc, "check_t": False})
+                 for x, tc, nc in zip(x0.chunk(grad_accum), t.chunk(grad_accum), noise.chunk(grad_accum))]  # fmt: skip
+    total = None
+    for i, (x, kwargs) in enumerate(parts):
+        last = i == len(parts) - 1
+        sync = ddpm.no_sync() if not last and isinstance(ddpm, torch.nn.parallel.DistributedDataParallel) else None
+        with sync or contextlib.nullcontext():
+            with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = ddpm(x, **kwargs) / len(parts)
+            with nvtx_range("backward"):
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+        total = loss.detach() if total is None else total + loss.detach()
     with nvtx_range("optimizer"):
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -58,7 +87,7 @@ def train_step(
             scaler.update()
         else:
             optimizer.step()
-    return loss.detach()
+    return total
 
 
 @dataclass
@@ -80,13 +109,28 @@ class TrainConfig:
     progress: bool = True
     log_every: int = 10  # steps between reads of the loss (the only host sync of the loop)
     channels_last: bool = False  # the U-Net and the batches in NHWC (the kernels read it natively)
+    grad_accum: int = 1  # micro-batches of batch_size per optimiser step
+    save_every: int = 0  # steps between checkpoints kept as checkpoints/step_NNNNNNN.pt (0: epoch ends only)
+    keep: int = 0  # how many of those to keep, the newest (0: all)
+    tensorboard: bool | None = None  # scalars and grids under OUT/tb; None: when tensorboard is installed
+    fid_every: int = 0  # epochs between FIDs of the EMA weights (0: never)
+    fid_samples: int = 10_000  # generated (and real) images per FID
 
     def __post_init__(self):
         if self.amp not in AMP_DTYPES:
             raise ValueError(f"amp must be one of {tuple(AMP_DTYPES)}, got {self.amp!r}")
-        for name in ("epochs", "batch_size", "num_samples", "sample_steps", "log_every"):
+        for name in ("epochs", "batch_size", "num_samples", "sample_steps", "log_every", "grad_accum", "fid_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("warmup", "sample_every", "num_workers", "save_every", "keep", "fid_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"lr must be a positive number, got {self.lr}")
+        if self.grad_clip is not None and not self.grad_clip > 0:
+            raise ValueError(f"grad_clip must be positive or None, got {self.grad_clip}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps must be positive or None, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
 
@@ -95,11 +139,36 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, truncated or not one of ours."""
 
 
+class NonFiniteLossError(RuntimeError):
+    """The loss became nan or inf; the run stopped without saving, so the last checkpoint is
+    the last good state."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM. `saved`: whether the state at the step boundary
+    was written to `path` (a second signal before the save began stops without saving).
+    `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, path: str, saved: bool):
+        self.signum, self.step, self.path, self.saved = signum, step, path, saved
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        what = f"saved {path} at step {step}" if saved else f"stopped without saving; {path} is the last checkpoint"
+        super().__init__(f"{name}: {what}")
+
+
 def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, then rename: a crash never leaves half a
+    file, and a save that fails or is interrupted removes its temporary file (one killed outright
+    leaves it to the next run's `runs.remove_stale_tmp`)."""
     tmp = f"{path}.tmp.{os.getpid()}"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -182,16 +251,20 @@ class Trainer:
     """Trains `ddpm` on `dataset` as `config` says; `model_config` (a dict) is stored in the
     checkpoints so that `ddpm-fast sample` can rebuild the model."""
 
-    def __init__(self, ddpm: DDPM, dataset: Dataset, config: TrainConfig, device, model_config: dict | None = None):
+    def __init__(self, ddpm: DDPM, dataset: Dataset, config: TrainConfig, device, model_config: dict | None = None,
+                 fid_feature: torch.nn.Module | None = None, fid_weights: str | None = None):  # fmt: skip
         self.ddpm, self.dataset, self.config = ddpm, dataset, config
         self.device = torch.device(device)
         self.model_config = model_config or {}
         self.rank, self.world = _distributed()
-        if len(dataset) < config.batch_size * self.world:
+        self.step_batch = config.batch_size * config.grad_accum  # images per optimiser step and process
+        if len(dataset) < self.step_batch * self.world:
             raise ValueError(
                 f"the data set has {len(dataset)} images, fewer than one global batch "
-                f"({config.batch_size} x {self.world} processes)"
+                f"({config.batch_size} x {config.grad_accum} accumulated x {self.world} processes)"
             )
+        self.fid_feature, self.fid_weights, self._fid_metric = fid_feature, fid_weights, None
+        self._writer = None
         ddpm.to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         if config.channels_last:
@@ -216,8 +289,13 @@ class Trainer:
         self.losses: list[tuple[int, float]] = []
         self._log_rows: list[list] = []  # loss.csv rows not yet written
         self._pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, lr, loss on the device)
+        self._stop: int | None = None  # the signal that asked the loop to stop
+        self._phase = "training"
+        self._saved_step: int | None = None
+        self.skipped_steps = self._non_finite_run = 0
         self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
         self.log_path = os.path.join(config.out_dir, "loss.csv")
+        self.fid_path = os.path.join(config.out_dir, "fid.csv")
 
     # -- checkpoints ------------------------------------------------------------------------
 
@@ -237,12 +315,39 @@ class Trainer:
             "config": {"train": asdict(self.config), "model": self.model_config},
         }
 
-    def save(self) -> None:
+    def save(self, keep_copy: bool = False) -> None:
+        """checkpoint.pt (and, with keep_copy, the same file as checkpoints/step_NNNNNNN.pt, of
+        which the newest `keep` stay)."""
         self._read_losses()
         if self.rank == 0:
             os.makedirs(self.config.out_dir, exist_ok=True)
             self._flush_log()
             save_checkpoint(self.state_dict(), self.checkpoint_path)
+            if keep_copy:
+                self._keep_copy()
+        self._saved_step = self.step
+
+    def _keep_copy(self) -> None:
+        folder = os.path.join(self.config.out_dir, "checkpoints")
+        os.makedirs(folder, exist_ok=True)
+        path = os.path.join(folder, f"step_{self.step:07d}.pt")
+        tmp = f"{path}.tmp.{os.getpid()}"
+        try:
+            try:
+                os.link(
+                    self.checkpoint_path, tmp
+                )  # the same bytes, no second write (checkpoint.pt is replaced, not changed)
+            except OSError:
+                shutil.copyfile(self.checkpoint_path, tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+        if self.config.keep:
+            kept = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
+            for old in kept[: -self.config.keep]:
+                os.remove(os.path.join(folder, old))
 
     def resume(self, path: str | None = None) -> None:
         state = load_checkpoint(path or self.checkpoint_path, map_location=self.device)
@@ -257,6 +362,7 @@ class Trainer:
         if torch.cuda.is_available() and state["rng_cuda"]:
             torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
         self.generator.set_state(state["rng_train"].cpu())
+        self._saved_step = self.step
         self._trim_log()
 
     def _trim_log(self) -> None:
@@ -273,12 +379,12 @@ class Trainer:
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch)
-        sampler = _SkipSampler(self.sampler, self.batch_in_epoch * self.config.batch_size)
+        sampler = _SkipSampler(self.sampler, self.batch_in_epoch * self.step_batch)
         # A generator of its own: creating the loader's iterator must not draw from the global
         # RNG (dropout's), or a resumed run would drift from an uninterrupted one.
         seeds = torch.Generator().manual_seed(self.config.seed * 100_003 + self.epoch * 101 + self.rank)
         return DataLoader(
-            self.dataset, batch_size=self.config.batch_size, sampler=sampler, drop_last=True,
+            self.dataset, batch_size=self.step_batch, sampler=sampler, drop_last=True,
             num_workers=self.config.num_workers, pin_memory=self.device.type == "cuda", generator=seeds,
         )  # fmt: skip
 
@@ -288,18 +394,26 @@ class Trainer:
         )
 
     def train(self) -> list[tuple[int, float]]:
-        """Run (or go on with) the training; returns the (step, loss) pairs of this call."""
+        """Run (or go on with) the training; returns the (step, loss) pairs of this call.
+
+        SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the current step: the state is
+        saved and TrainingInterrupted is raised (a signal during a sample grid abandons the
+        grid; a second signal before the save begins stops at once without saving, one during
+        the save lets it finish). A non-finite loss raises NonFiniteLossError without saving
+        (under fp16 such steps are skipped, as GradScaler does, unless they keep coming)."""
         cfg = self.config
         self.ddpm.train()
         amp = AMP_DTYPES[cfg.amp]
-        try:
-            while not self._done():
-                per_epoch = len(self.sampler) // cfg.batch_size
+        self.ddpm.kernel_path(self.device)  # any fallback warning now, not inside the progress bar
+        with self._signals():
+            while not self._done() and self._stop is None:
+                per_epoch = len(self.sampler) // self.step_batch
                 bar = tqdm(self._loader(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.batch_in_epoch,
                            total=per_epoch, disable=not cfg.progress or self.rank != 0)  # fmt: skip
                 for x0, _ in bar:
                     x0 = x0.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                    loss = train_step(self.net, x0, self.optimizer, cfg.grad_clip, self.scaler, amp, self.generator)
+                    loss = train_step(self.net, x0, self.optimizer, cfg.grad_clip, self.scaler, amp, self.generator,
+                                      cfg.grad_accum)  # fmt: skip
                     lr = self.scheduler.get_last_lr()[0]
                     self.scheduler.step()
                     self.ema.update(self.ddpm)
@@ -308,40 +422,131 @@ class Trainer:
                     self._pending.append((self.step, self.epoch, lr, loss))
                     if len(self._pending) >= cfg.log_every:
                         self._read_losses(bar)
-                    if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    if cfg.save_every and self.step % cfg.save_every == 0 and self.batch_in_epoch < per_epoch:
+                        self._phase = "saving"
+                        self.save(keep_copy=True)
+                        self._phase = "training"
+                    if self._stop is not None or (cfg.max_steps is not None and self.step >= cfg.max_steps):
                         break
                 self._read_losses(bar)
                 bar.close()
                 if self.batch_in_epoch >= per_epoch:
                     self.epoch += 1
                     self.batch_in_epoch = 0
-                    if cfg.sample_every and self.epoch % cfg.sample_every == 0:
-                        self.sample_grid()
-                self.save()
-        except KeyboardInterrupt:
-            self.save()
-            if self.rank == 0:
-                print(f"\ninterrupted: saved {self.checkpoint_path}; --resume goes on from step {self.step}")
-            raise
+                    self._phase = "sampling"
+                    try:
+                        if cfg.sample_every and self.epoch % cfg.sample_every == 0 and self._stop is None:
+                            self.sample_grid()
+                        if cfg.fid_every and self.epoch % cfg.fid_every == 0 and self._stop is None:
+                            self.evaluate_fid()
+                    except _StopSampling:
+                        pass
+                self._phase = "saving"
+                self.save(keep_copy=bool(cfg.save_every) and self.step % cfg.save_every == 0)
+                self._phase = "training"
+            if self._stop is not None:
+                raise TrainingInterrupted(self._stop, self.step, self.checkpoint_path, saved=True)
         if self.rank == 0:
             self.plot_losses()
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
         return self.losses
+
+    # -- TensorBoard ------------------------------------------------------------------------
+
+    def writer(self):
+        """A torch.utils.tensorboard SummaryWriter on OUT/tb (rank 0, when the tensorboard
+        package is installed or config.tensorboard asks for it), else None. A resumed run
+        drops the events logged after its checkpoint."""
+        if self.rank or self.config.tensorboard is False:
+            return None
+        if self._writer is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as e:
+                if self.config.tensorboard:
+                    raise ImportError(
+                        '--tensorboard needs the tensorboard package: pip install "ddpm-fast[tensorboard]"'
+                    ) from e
+                self.config.tensorboard = False
+                return None
+            self._writer = SummaryWriter(os.path.join(self.config.out_dir, "tb"), purge_step=self.step + 1)
+        return self._writer
+
+    # -- stops ------------------------------------------------------------------------------
+
+    @contextmanager
+    def _signals(self):
+        """SIGINT and SIGTERM set a flag that the loop reads at each step boundary (handlers can
+        only be installed from the main thread: elsewhere the defaults stay)."""
+        self._stop, self._phase = None, "training"
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in previous:
+            signal.signal(s, self._on_signal)
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop is None:
+            self._stop = signum
+            if self.rank == 0:
+                tqdm.write(f"\n{signal.Signals(signum).name}: stopping at the end of this step and saving "
+                           "(a second signal stops at once without saving)", file=sys.stderr)  # fmt: skip
+            if self._phase == "sampling":  # a grid is not worth waiting for: drop it, then save
+                raise _StopSampling
+        elif self._phase != "saving":
+            raise TrainingInterrupted(signum, self.step, self.checkpoint_path, saved=False)
+        # a signal during the save: the save (atomic) finishes, then the run stops
 
     def _read_losses(self, bar=None) -> None:
         """Bring the pending losses to the host in one transfer (the loop's one sync every
-        log_every steps), keep their rows for loss.csv (written with the checkpoint) and show
-        the latest on the bar."""
+        log_every steps), keep their rows for loss.csv (written with the checkpoint), show the
+        latest on the bar, and stop at a non-finite loss."""
         if not self._pending:
             return
         values = torch.stack([loss for *_, loss in self._pending]).float().cpu().tolist()
-        for (step, epoch, lr, _), value in zip(self._pending, values):
+        pending, self._pending = self._pending, []
+        for (step, epoch, lr, _), value in zip(pending, values):
+            if not math.isfinite(value):
+                self._non_finite(step, lr, value)
+            else:
+                self._non_finite_run = 0
             self.losses.append((step, value))
             if self.rank == 0:
                 self._log_rows.append([step, epoch, f"{value:.6f}", f"{lr:.3e}"])
-        self._pending.clear()
+                if (writer := self.writer()) is not None:
+                    writer.add_scalar("loss", value, step)
+                    writer.add_scalar("lr", lr, step)
         if bar is not None:
             rate = bar.format_dict.get("rate") or 0.0
             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate * self.config.batch_size * self.world:.0f}")
+
+    def _non_finite(self, step: int, lr: float, value: float) -> None:
+        last = (f"{self.checkpoint_path} (step {self._saved_step}) is the last good checkpoint"
+                if self._saved_step is not None else "no checkpoint had been written yet")  # fmt: skip
+        if self.scaler is not None:  # fp16: GradScaler skips the step (its gradients are not finite)
+            self.skipped_steps += 1
+            self._non_finite_run += 1
+            if self.skipped_steps == 1 and self.rank == 0:
+                tqdm.write(f"step {step}: loss {value}; fp16: GradScaler skipped the step (the weights did not change)",
+                           file=sys.stderr)  # fmt: skip
+            if self._non_finite_run < FP16_NON_FINITE_PATIENCE:
+                return
+            raise NonFiniteLossError(
+                f"the loss was not finite for {self._non_finite_run} steps in a row up to step {step} under fp16 "
+                f"(GradScaler skipped them); stopped without saving: {last}. Try --amp bf16 or a lower --lr"
+            )
+        raise NonFiniteLossError(
+            f"the loss is {value} at step {step} (lr {lr:.3e}); stopped without saving: {last}. "
+            "Lower --lr, check the data for nan/inf values, or use --amp bf16 instead of fp16"
+        )
 
     def _flush_log(self) -> None:
         new = not os.path.isfile(self.log_path)
@@ -358,18 +563,63 @@ class Trainer:
         if self.rank:
             return None
         cfg = self.config
-        ema: DDPM = self.ema.module
-        ema.eval()
         generator = torch.Generator(self.device).manual_seed(cfg.seed)  # the same noise every epoch
-        if cfg.sample_steps >= ema.num_timesteps:
-            images = ema.sample(cfg.num_samples, generator=generator, progress=False, device=self.device)
-        else:
-            images = ema.ddim_sample(cfg.num_samples, steps=cfg.sample_steps, generator=generator, progress=False,
-                                     device=self.device)  # fmt: skip
+        images = self._generate(cfg.num_samples, generator, batch=cfg.num_samples)
         path = os.path.join(cfg.out_dir, "samples", f"epoch_{self.epoch:04d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        save_image((images.float() + 1) / 2, path, nrow=int(math.ceil(math.sqrt(cfg.num_samples))), padding=1)
+        nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
+        save_image((images.float() + 1) / 2, path, nrow=nrow, padding=1)
+        if (writer := self.writer()) is not None:
+            writer.add_image(
+                "samples", make_grid((images.float() + 1) / 2, nrow=nrow, padding=1).clamp(0, 1), self.step
+            )
         return path
+
+    def _generate(self, n: int, generator: torch.Generator, batch: int = 256) -> torch.Tensor:
+        ema: DDPM = self.ema.module
+        ema.eval()
+        out = []
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            if self.config.sample_steps >= ema.num_timesteps:
+                out.append(ema.sample(b, generator=generator, progress=False, device=self.device))
+            else:
+                out.append(ema.ddim_sample(b, steps=self.config.sample_steps, generator=generator, progress=False,
+                                           device=self.device))  # fmt: skip
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate_fid(self) -> float | None:
+        """FID of fid_samples images from the EMA weights (DDIM with sample_steps) against as
+        many training images (their features computed once), with torchmetrics (Inception, or
+        the fid_feature module given to the Trainer). Appended to OUT/fid.csv and TensorBoard."""
+        if self.rank:
+            return None
+        from ddpm_fast import metrics
+
+        cfg = self.config
+        if self._fid_metric is None:
+            self._fid_metric = metrics.frechet_metric(self.fid_feature, self.fid_weights, self.device)
+            n = min(cfg.fid_samples, len(self.dataset))
+            for start in range(0, n, 256):
+                x = torch.stack([self.dataset[i][0] for i in range(start, min(n, start + 256))])
+                self._fid_metric.update(metrics.to_uint8(x).to(self.device), real=True)
+        self._fid_metric.reset()  # the fake features only (reset_real_features=False)
+        generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
+        for images in self._generate(cfg.fid_samples, generator).split(256):
+            self._fid_metric.update(metrics.to_uint8(images), real=False)
+        value = float(self._fid_metric.compute())
+        new = not os.path.isfile(self.fid_path)
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(self.fid_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(["step", "epoch", "fid", "samples"])
+            writer.writerow([self.step, self.epoch, f"{value:.4f}", cfg.fid_samples])
+        if (tb := self.writer()) is not None:
+            tb.add_scalar("fid", value, self.step)
+        tqdm.write(f"epoch {self.epoch}, step {self.step}: FID {value:.2f} ({cfg.fid_samples} samples)")
+        return value
 
     def plot_losses(self) -> str | None:
         """loss.png from loss.csv: every step and a running mean."""
