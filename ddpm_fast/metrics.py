@@ -182,7 +182,7 @@ def train_digits_features(
     images: torch.Tensor, labels: torch.Tensor, epochs: int = 30, seed: int = 0
 ) -> DigitsFeatures:
     """Train DigitsFeatures on digits in [-1, 1] (N, 1, 8, 8): a couple of seconds on a CPU,
-    ~97% held-out accuracy."""
+    about 91% accuracy on the 360 held-out digits (written by other people)."""
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
