@@ -117,7 +117,7 @@ def _setup_distributed(device: torch.device) -> torch.device:
 
 def _hints(args, ddpm: DDPM, trainer: Trainer, device: torch.device) -> None:
     """Say before the run when it cannot give samples worth looking at."""
-    per_epoch = len(trainer.sampler) // trainer.step_batch
+    per_epoch = trainer.steps_per_epoch
     planned = args.epochs * per_epoch if args.max_steps is None else min(args.max_steps, args.epochs * per_epoch)
     n_params = sum(p.numel() for p in ddpm.model.parameters())
     if device.type == "cpu" and n_params > 5_000_000:
@@ -278,7 +278,7 @@ def fid(args) -> None:
     value = metrics.fid(args.a, args.b, **kwargs)
     print(f"FID {value:.3f}  ({args.a} vs {args.b}; torchmetrics, torch-fidelity's Inception)")
     if args.isc:
-        mean, std = metrics.inception_score(args.b, **{k: v for k, v in kwargs.items()})
+        mean, std = metrics.inception_score(args.b, **kwargs)
         print(f"Inception Score of {args.b}: {mean:.3f} +- {std:.3f}")
 
 

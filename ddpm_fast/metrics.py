@@ -78,12 +78,19 @@ def frechet_metric(feature: nn.Module | None = None, weights: str | None = None,
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
     """Images in [-1, 1] (the model's range) as uint8 NCHW, 3 channels (grey ones repeated)."""
-    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    return _uint8_rgb(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
 
 
 def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def dataset_batches(data, batch_size: int = 256, limit: int | None = None) -> Iterator[torch.Tensor]:
+    """uint8 NCHW batches (3 channels) of the first `limit` images of a data set of
+    (image in [-1, 1], label) pairs, in order."""
+    n = len(data) if limit is None else min(limit, len(data))
+    for start in range(0, n, batch_size):
+        yield to_uint8(torch.stack([data[i][0] for i in range(start, min(n, start + batch_size))]))
 
 
 def image_batches(source: str, batch_size: int = 256, class_name=None, data_root: str | None = None,
@@ -118,10 +125,7 @@ def image_batches(source: str, batch_size: int = 256, class_name=None, data_root
         data = ImageFolderDataset(source, size, flip=False)
     else:
         raise ValueError(f"{source!r} is not an .npz file, an image folder, cifar10 or digits")
-    n = len(data) if limit is None else min(limit, len(data))
-    for start in range(0, n, batch_size):
-        x = torch.stack([data[i][0] for i in range(start, min(n, start + batch_size))])
-        yield to_uint8(x)
+    yield from dataset_batches(data, batch_size, limit)
 
 
 def fid(real: str, fake: str, feature: nn.Module | None = None, weights: str | None = None, batch_size: int = 256,

@@ -186,16 +186,21 @@ def attention(q, k, v, scale=None):
 # -- eager twins of the kernels' halves (the custom ops run these where Triton does not) --------
 
 
+def _grouped(x, add, num_groups):
+    """x + add (per channel) in float32 as (B, G, CPG * HW), the kernels' view of a group."""
+    B, C = x.shape[:2]
+    xs = x.float().reshape(B, C, -1)
+    if add is not None:
+        xs = xs + add.float()[:, :, None]
+    return xs.reshape(B, num_groups, -1)
+
+
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu):
     """(y, mean, rstd) as the GroupNorm kernels return them: statistics of x' = x + add over
     each group in float32, taken relative to the group's first value (the kernels' pivot), so
     the backward recomputes xhat = (x' - pivot - mean) * rstd the same way. y = act(xhat w + b)."""
     B, C = x.shape[:2]
-    G = num_groups
-    xs = x.float().reshape(B, C, -1)
-    if add is not None:
-        xs = xs + add.float()[:, :, None]
-    xs = xs.reshape(B, G, -1)
+    xs = _grouped(x, add, num_groups)
     xs = xs - xs[:, :, :1]  # minus the pivot
     mean = xs.mean(-1)
     rstd = torch.rsqrt((xs - mean[..., None]).square().mean(-1) + eps)
@@ -211,10 +216,7 @@ def group_norm_act_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, silu):
     dx' = rstd (w dh - mean_g(w dh) - xhat mean_g(w dh xhat)); dadd = sum_HW dx'."""
     B, C = x.shape[:2]
     G = num_groups
-    xs = x.float().reshape(B, C, -1)
-    if add is not None:
-        xs = xs + add.float()[:, :, None]
-    xs = xs.reshape(B, G, -1)
+    xs = _grouped(x, add, G)
     xhat = ((xs - xs[:, :, :1] - mean[..., None]) * rstd[..., None]).reshape(B, C, -1)
     w = weight.float()[:, None]
     dh = dy.float().reshape(B, C, -1)

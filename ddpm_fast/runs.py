@@ -17,6 +17,7 @@ import torch
 
 # What a run writes into its folder (and --overwrite removes; nothing else is touched).
 RUN_FILES = ("checkpoint.pt", "loss.csv", "loss.png", "samples.png", "samples", "checkpoints", "fid.csv", "tb")
+RUN_MARKERS = ("checkpoint.pt", "loss.csv")  # a folder with one of these holds a run
 LOCK_NAME = ".ddpm-fast.lock"
 TMP_PATTERN = "*.tmp.*"  # checkpoint.pt.tmp.<pid>: see train.save_checkpoint
 
@@ -112,7 +113,7 @@ def remove_stale_tmp(folder: str) -> list[str]:
 
 
 def holds_run(folder: str) -> bool:
-    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_FILES[:2])
+    return any(os.path.exists(os.path.join(folder, name)) for name in RUN_MARKERS)
 
 
 def prepare_run_dir(folder: str, resume: bool = False, overwrite: bool = False, option: str = "--out") -> RunLock:

@@ -297,6 +297,11 @@ class Trainer:
         self.log_path = os.path.join(config.out_dir, "loss.csv")
         self.fid_path = os.path.join(config.out_dir, "fid.csv")
 
+    @property
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in an epoch of this process's shard."""
+        return len(self.sampler) // self.step_batch
+
     # -- checkpoints ------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
@@ -407,7 +412,7 @@ class Trainer:
         self.ddpm.kernel_path(self.device)  # any fallback warning now, not inside the progress bar
         with self._signals():
             while not self._done() and self._stop is None:
-                per_epoch = len(self.sampler) // self.step_batch
+                per_epoch = self.steps_per_epoch
                 bar = tqdm(self._loader(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.batch_in_epoch,
                            total=per_epoch, disable=not cfg.progress or self.rank != 0)  # fmt: skip
                 for x0, _ in bar:
@@ -600,10 +605,8 @@ class Trainer:
         cfg = self.config
         if self._fid_metric is None:
             self._fid_metric = metrics.frechet_metric(self.fid_feature, self.fid_weights, self.device)
-            n = min(cfg.fid_samples, len(self.dataset))
-            for start in range(0, n, 256):
-                x = torch.stack([self.dataset[i][0] for i in range(start, min(n, start + 256))])
-                self._fid_metric.update(metrics.to_uint8(x).to(self.device), real=True)
+            for x in metrics.dataset_batches(self.dataset, 256, cfg.fid_samples):
+                self._fid_metric.update(x.to(self.device), real=True)
         self._fid_metric.reset()  # the fake features only (reset_real_features=False)
         generator = torch.Generator(self.device).manual_seed(cfg.seed + 1)
         for images in self._generate(cfg.fid_samples, generator).split(256):
