@@ -4,11 +4,27 @@ Each raises TypeError (wrong kind of thing) or ValueError (wrong value) with the
 argument's name first, so a user sees at once which input is at fault.
 """
 
+import contextlib
+
 import torch
 
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@contextlib.contextmanager
+def allow_float64():
+    """Inside, the checks take float64 too: how the tests and `ddpm-fast check` run the eager
+    twins in float64 (they then compute in float64), the reference the kernels are held to.
+    Users' calls take float32, float16 and bfloat16."""
+    global FLOAT_DTYPES
+    saved = FLOAT_DTYPES
+    FLOAT_DTYPES = saved + (torch.float64,)
+    try:
+        yield
+    finally:
+        FLOAT_DTYPES = saved
 
 
 def check_float(name: str, x, ndim: int | None = None, min_ndim: int | None = None) -> None:

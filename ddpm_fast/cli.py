@@ -1,4 +1,4 @@
-"""The `ddpm-fast` command: train, sample, export, fid, demo.
+"""The `ddpm-fast` command: train, sample, export, fid, demo, check.
 
 ddpm-fast demo                                    small model, built-in digits, a few minutes on a CPU
 ddpm-fast train --dataset cifar10 --class airplane --data-root data --out runs/airplane
@@ -7,6 +7,7 @@ ddpm-fast sample --checkpoint runs/airplane/checkpoint.pt --n 64 --out samples.p
 ddpm-fast sample --diffusers ddpm-cifar10-32 --n 64 --out samples.png    # the paper's released model
 ddpm-fast export --checkpoint runs/airplane/checkpoint.pt --out airplane.safetensors
 ddpm-fast fid cifar10 samples.npz --class airplane --data-root data   # FID (torchmetrics)
+ddpm-fast check                                   # this machine: versions, fused vs eager errors, timings
 """
 
 import argparse
@@ -24,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from ddpm_fast import interop, kernels, runs
+from ddpm_fast import interop, kernels, runs, selfcheck
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
@@ -459,7 +460,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the Frechet distance of 360 samples to the held-out digits")  # fmt: skip
     d.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for the grid")
     d.set_defaults(func=demo)
+
+    c = sub.add_parser("check", help="on this machine: versions, each fused op against its eager twin (max error, "
+                       "pass/fail, exit 1 on a failure), timings of the ops and of a train and a sampling step",
+                       **fmt)  # fmt: skip
+    selfcheck.add_arguments(c)
+    c.set_defaults(func=check)
     return parser
+
+
+def check(args) -> None:
+    status = selfcheck.main(args)
+    if status:
+        sys.exit(status)
 
 
 def main(argv: list[str] | None = None) -> None:

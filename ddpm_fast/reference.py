@@ -3,7 +3,8 @@
 Each public function here has the signature of its kernel in ddpm_fast.kernels. Tests
 compare the kernels with these, benchmarks time the kernels against these. They are
 written the plain way on purpose. Elementwise ops compute in float32 and round once
-to the input dtype, as the kernels do.
+to the input dtype, as the kernels do (in float64 for float64 inputs, which only the tests'
+float64 reference passes: users' entry points take float32, float16 and bfloat16).
 
 Timesteps: `t` is validated (one host sync) unless `check_t=False`, which callers that drew
 t themselves or checked it once pass inside their loops; unchecked, t is clamped into the
@@ -22,9 +23,14 @@ from ddpm_fast.schedule import extract
 LOG2E = 1.4426950408889634
 
 
-def gather(a: torch.Tensor, t: torch.Tensor, shape) -> torch.Tensor:
-    """extract(a, t, shape) in float32: a[t] per sample."""
-    return extract(a, t, shape).float()
+def acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision an eager twin computes in: float32, or float64 for float64 inputs."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def gather(a: torch.Tensor, t: torch.Tensor, shape, dtype=torch.float32) -> torch.Tensor:
+    """extract(a, t, shape) in `dtype`: a[t] per sample."""
+    return extract(a, t, shape).to(dtype)
 
 
 def clamp_t(t: torch.Tensor, num_timesteps: int, check_t: bool, low: int = 0) -> torch.Tensor:
@@ -36,9 +42,10 @@ def q_sample(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, c
     """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps   (Ho et al., eq. 4), t per sample."""
     checks.check_q_sample(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, check_t)
     t = clamp_t(t, sqrt_alphas_cumprod.shape[0], check_t)
-    a = gather(sqrt_alphas_cumprod, t, x0.shape)
-    b = gather(sqrt_one_minus_alphas_cumprod, t, x0.shape)
-    return (a * x0.float() + b * noise.float()).to(x0.dtype)
+    acc = acc_dtype(x0)
+    a = gather(sqrt_alphas_cumprod, t, x0.shape, acc)
+    b = gather(sqrt_one_minus_alphas_cumprod, t, x0.shape, acc)
+    return (a * x0.to(acc) + b * noise.to(acc)).to(x0.dtype)
 
 
 def predict_start(x_t, model_output, sqrt_recip, sqrt_recipm1, prediction_type):
@@ -92,21 +99,21 @@ def posterior_step(
     checks.check_noise_source(noise_source)
     noise = draw_noise(x_t, noise, generator)
     t = clamp_t(t, sqrt_recip_alphas_cumprod.shape[0], check_t)
-    shape = x_t.shape
-    x = x_t.float()
+    shape, acc = x_t.shape, acc_dtype(x_t)
+    x = x_t.to(acc)
     x0 = predict_start(
         x,
-        model_output.float(),
-        gather(sqrt_recip_alphas_cumprod, t, shape),
-        gather(sqrt_recipm1_alphas_cumprod, t, shape),
+        model_output.to(acc),
+        gather(sqrt_recip_alphas_cumprod, t, shape, acc),
+        gather(sqrt_recipm1_alphas_cumprod, t, shape, acc),
         prediction_type,
     )
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
-    mean = gather(posterior_mean_coef1, t, shape) * x0 + gather(posterior_mean_coef2, t, shape) * x
-    std = torch.exp(0.5 * gather(posterior_log_variance, t, shape))
-    nonzero = (t > 0).float().reshape(-1, *((1,) * (len(shape) - 1)))
-    return (mean + nonzero * std * noise.float()).to(x_t.dtype)
+    mean = gather(posterior_mean_coef1, t, shape, acc) * x0 + gather(posterior_mean_coef2, t, shape, acc) * x
+    std = torch.exp(0.5 * gather(posterior_log_variance, t, shape, acc))
+    nonzero = (t > 0).to(acc).reshape(-1, *((1,) * (len(shape) - 1)))
+    return (mean + nonzero * std * noise.to(acc)).to(x_t.dtype)
 
 
 def ddim_step(
@@ -136,13 +143,13 @@ def ddim_step(
     checks.check_noise_source(noise_source)
     num_timesteps = alphas_cumprod.shape[0]
     t, t_prev = clamp_t(t, num_timesteps, check_t), clamp_t(t_prev, num_timesteps, check_t, low=-1)
-    shape = x_t.shape
-    x = x_t.float()
-    abar = gather(alphas_cumprod, t, shape)
-    abar_prev = torch.where(t_prev >= 0, alphas_cumprod.float().gather(0, t_prev.clamp(min=0)), 1.0).reshape(abar.shape)
+    shape, acc = x_t.shape, acc_dtype(x_t)
+    x = x_t.to(acc)
+    abar = gather(alphas_cumprod, t, shape, acc)
+    abar_prev = torch.where(t_prev >= 0, alphas_cumprod.to(acc).gather(0, t_prev.clamp(min=0)), 1.0).reshape(abar.shape)
     sqrt_recip = torch.rsqrt(abar)
     sqrt_recipm1 = torch.sqrt(1.0 / abar - 1.0)
-    out = model_output.float()
+    out = model_output.to(acc)
     x0_raw = predict_start(x, out, sqrt_recip, sqrt_recipm1, prediction_type)
     x0 = x0_raw.clamp(-1.0, 1.0) if clip_denoised else x0_raw
     if use_clipped_model_output:
@@ -154,7 +161,7 @@ def ddim_step(
     sigma = eta * torch.sqrt((1.0 - abar_prev) / (1.0 - abar) * (1.0 - abar / abar_prev))
     prev = abar_prev.sqrt() * x0 + torch.sqrt((1.0 - abar_prev - sigma**2).clamp(min=0.0)) * eps
     if eta > 0:
-        prev = prev + sigma * draw_noise(x_t, noise, generator).float()
+        prev = prev + sigma * draw_noise(x_t, noise, generator).to(acc)
     return prev.to(x_t.dtype)
 
 

@@ -1,22 +1,58 @@
-"""Shared by the kernel tests: per-dtype tolerances and ways to make non-contiguous inputs."""
+"""Shared by the kernel tests: the device they run on, per-dtype tolerances, the float64 eager
+twin, and ways to make non-contiguous inputs."""
+
+import os
 
 import torch
 
+from ddpm_fast import checks
+from ddpm_fast.selfcheck import TOLERANCES
+
+# Set by conftest.py from DDPM_FAST_TEST_DEVICE: "cuda" (compiled kernels) or "cpu" (interpreter).
+DEVICE = torch.device(os.environ.get("DDPM_FAST_TEST_DEVICE", "cpu"))
+INTERPRETED = DEVICE.type == "cpu"
+
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
-# Fused and eager both compute in float32 and round once to the output dtype, so a few
-# units in the last place of the output dtype separate them.
-TOL = {
-    torch.float32: dict(rtol=1e-5, atol=1e-5),
-    torch.float16: dict(rtol=2e-3, atol=2e-3),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
-}
+# The tolerance table `ddpm-fast check` uses too: fused computes in float32 and rounds once to
+# the output dtype, which against the float64 twin leaves half a unit in the last place of the
+# output dtype plus float32's own rounding.
+TOL = TOLERANCES
 
 LAYOUTS = ["contiguous", "strided", "channels_last", "batch_slice", "expanded"]
 
 
+def generator(seed: int) -> torch.Generator:
+    """A seeded generator on the tests' device (a CUDA tensor draws from a CUDA generator)."""
+    return torch.Generator(DEVICE).manual_seed(seed)
+
+
+# Lets the eager twins in ddpm_fast.reference take float64 (users' entry points refuse it).
+float64_twin = checks.allow_float64
+
+
+def to64(x):
+    """A float tensor as a float64 copy (same layout), anything else as is."""
+    if isinstance(x, torch.Tensor) and x.is_floating_point():
+        return x.detach().double()
+    return x
+
+
+def twin64(op, *args, **kwargs):
+    """op (an eager twin) run on float64 copies of its float tensor arguments."""
+    with float64_twin():
+        return op(*(to64(a) for a in args), **{k: to64(v) for k, v in kwargs.items()})
+
+
+def assert_close64(actual, expected64, dtype, msg=None):
+    """actual (in `dtype`) against the float64 reference, at dtype's tolerance."""
+    assert expected64.dtype == torch.float64
+    torch.testing.assert_close(actual.double(), expected64, **TOL[dtype], msg=msg)
+
+
 def make(shape, dtype, layout="contiguous", scale=1.0):
-    """A tensor of `shape` and `dtype` with the given memory layout (values random)."""
+    """A tensor of `shape` and `dtype` with the given memory layout (values random), on the
+    current default device (DEVICE inside an on_device test)."""
     shape = tuple(shape)
     if layout == "contiguous":
         return (torch.randn(shape) * scale).to(dtype)

@@ -7,6 +7,8 @@ from helpers import TOL
 from ddpm_fast import kernels, reference
 from ddpm_fast.unet import AttnBlock
 
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+
 
 @pytest.fixture(autouse=True)
 def _triton_path(monkeypatch):

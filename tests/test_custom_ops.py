@@ -1,18 +1,21 @@
 """The fused ops as PyTorch custom ops: torch.library.opcheck on each (schema, fake kernel,
 autograd registration, AOT dispatch with dynamic shapes), on both paths behind the op (the
-Triton kernels under the interpreter, and the eager twins), and torch.compile(fullgraph=True)
+Triton kernels on the tests' device, and the eager twins), and torch.compile(fullgraph=True)
 of FastDDPM's loss and of the fused U-Net: no graph break, the same numbers as uncompiled."""
 
 import pytest
 import torch
+from helpers import DEVICE
 from torch.library import opcheck
 
 import ddpm_fast.kernels  # noqa: F401  (registers torch.ops.ddpm_fast)
 from ddpm_fast import FastDDPM, UNet, UNetConfig
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+
 ops = torch.ops.ddpm_fast
-B = schedule_buffers(make_betas("linear", 20))
+B = {name: buf.to(DEVICE) for name, buf in schedule_buffers(make_betas("linear", 20)).items()}
 STEP = [B[n] for n in POSTERIOR_STEP_BUFFERS]
 TINY = UNetConfig(in_channels=3, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   num_groups=4, dropout=0.0)  # fmt: skip

@@ -1,18 +1,21 @@
 """The same numbers as diffusers: DDIM and DDPM against DDIMScheduler / DDPMScheduler step by
 step and over whole runs with the same generator, and the paper's released U-Net (diffusers'
-UNet2DModel) mapped onto ours, eager and fused (kernels under Triton's interpreter)."""
+UNet2DModel) mapped onto ours, eager and fused (on the tests' device: compiled kernels on CUDA,
+Triton's interpreter on a CPU)."""
 
 import json
 
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from helpers import DEVICE, generator
 
 from ddpm_fast import DDPM, FastDDPM, UNet, UNetConfig, interop
 from ddpm_fast.diffusion import ddim_timesteps
 from ddpm_fast.schedule import make_betas
 
 T = 1000
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
 
 
 class Stub(torch.nn.Module):
@@ -52,7 +55,7 @@ def test_ddim_matches_ddim_scheduler_at_every_step_and_over_the_run(spacing, eta
     ddpm = ddpm_pair(FastDDPM if fused else DDPM)
     sched = ddim_scheduler(ddpm, spacing)
     sched.set_timesteps(10)
-    ops = ddpm._ops(torch.device("cpu"))
+    ops = ddpm._ops(DEVICE)
     x = torch.randn(3, 2, 6, 6)
     for t, t_prev in ddim_timesteps(T, 10, spacing):  # step by step, from the same x and the same noise
         tt = torch.full((3,), t)
@@ -63,12 +66,12 @@ def test_ddim_matches_ddim_scheduler_at_every_step_and_over_the_run(spacing, eta
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
         x = theirs
     # The whole sampler with one generator: x_T and each step's noise drawn in diffusers' order.
-    ours = ddpm.ddim_sample(3, steps=10, eta=eta, generator=torch.Generator().manual_seed(5), progress=False,
+    ours = ddpm.ddim_sample(3, steps=10, eta=eta, generator=generator(5), progress=False,
                             timestep_spacing=spacing)  # fmt: skip
-    g = torch.Generator().manual_seed(5)
+    g = generator(5)
     x = torch.randn(3, 2, 6, 6, generator=g)
     for t in sched.timesteps:
-        x = sched.step(ddpm.model(x, t.repeat(3)), t, x, eta=eta, generator=g).prev_sample
+        x = sched.step(ddpm.model(x, t.repeat(3).to(DEVICE)), t, x, eta=eta, generator=g).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-4, atol=1e-4)  # ten steps of float32 rounding
 
 
@@ -105,14 +108,14 @@ def test_ddpm_matches_ddpm_scheduler_step_and_run(prediction_type, variance_type
     x = torch.randn(3, 2, 6, 6) * 1.5
     for t in (999, 500, 37, 1, 0):
         tt = torch.full((3,), t)
-        ours = ddpm.p_sample(x, tt, generator=torch.Generator().manual_seed(t))
-        theirs = sched.step(ddpm.model(x, tt), t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        ours = ddpm.p_sample(x, tt, generator=generator(t))
+        theirs = sched.step(ddpm.model(x, tt), t, x, generator=generator(t)).prev_sample
         torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
     # A whole (short) ancestral run with one generator.
     short = ddpm_pair(FastDDPM if fused else DDPM, prediction_type=prediction_type, variance_type=variance_type)
     short.num_timesteps = 30  # the last 30 steps of the 1000-step chain, as a pipeline started at t = 29 would run
-    ours = short.sample(2, generator=torch.Generator().manual_seed(3), progress=False)
-    g = torch.Generator().manual_seed(3)
+    ours = short.sample(2, generator=generator(3), progress=False)
+    g = generator(3)
     x = torch.randn(2, 2, 6, 6, generator=g)
     for t in range(29, -1, -1):
         x = sched.step(short.model(x, torch.full((2,), t)), t, x, generator=g).prev_sample
@@ -143,7 +146,7 @@ def diffusers_unet(config=PAPER_CONFIG, seed=0):
 
 @pytest.fixture(scope="module")
 def paper_unet():
-    return diffusers_unet()
+    return diffusers_unet().to(DEVICE)
 
 
 def test_the_paper_config_is_our_default_unet(paper_unet):
@@ -186,8 +189,8 @@ def test_a_diffusers_folder_samples_with_the_fused_kernels(tmp_path, monkeypatch
                       "prediction_type": "epsilon", "variance_type": "fixed_large"}  # fmt: skip
     fast = FastDDPM(unet, **kwargs).eval()
     reference = DDPM(model, **kwargs).eval()  # a diffusers model inside DDPM: model(x, t).sample
-    ours = fast.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
-    theirs = reference.sample(2, generator=torch.Generator().manual_seed(0), progress=False)
+    ours = fast.sample(2, generator=generator(0), progress=False)
+    theirs = reference.sample(2, generator=generator(0), progress=False)
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 

@@ -1,4 +1,5 @@
-"""FastDDPM against DDPM on the same weights, inputs and noise, under Triton's interpreter."""
+"""FastDDPM against DDPM on the same weights, inputs and noise, on the tests' device (compiled
+kernels on CUDA, Triton's interpreter on a CPU: see conftest.py)."""
 
 import importlib
 import io
@@ -6,10 +7,13 @@ import warnings
 
 import pytest
 import torch
+from helpers import DEVICE, generator
 
 from ddpm_fast import DDPM, FastDDPM, GroupNormSiLU, UNet, UNetConfig, diffusion, fuse
 
 common = importlib.import_module("ddpm_fast.kernels._common")
+
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
 
 TINY = UNetConfig(in_channels=3, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   num_groups=4, dropout=0.0)  # fmt: skip
@@ -122,13 +126,13 @@ def test_ddpm_and_fastddpm_give_the_same_images_for_the_same_generator(sampler, 
         ddpm.num_timesteps = 6  # the last 6 steps of the 100-step chain: a short whole run
     runs = []
     for ddpm in (fast, eager):
-        g = torch.Generator().manual_seed(123)
+        g = generator(123)
         if sampler == "sample":
             runs.append(ddpm.sample(2, generator=g, progress=False))
         else:
             runs.append(ddpm.ddim_sample(2, steps=3, eta=1.0, generator=g, progress=False))
     assert (runs[0] - runs[1]).abs().max() < 2e-5
-    g = torch.Generator().manual_seed(124)
+    g = generator(124)
     other = fast.sample(2, generator=g, progress=False) if sampler == "sample" else fast.ddim_sample(
         2, steps=3, eta=1.0, generator=g, progress=False)  # fmt: skip
     assert (other - runs[0]).abs().max() > 0.1
@@ -137,7 +141,7 @@ def test_ddpm_and_fastddpm_give_the_same_images_for_the_same_generator(sampler, 
 def test_philox_noise_is_an_explicit_option_reproducible_with_itself(kernels_on):
     _, fast = sampling_pair()
     fast.num_timesteps = 2
-    a, b, c = (fast.sample(2, generator=torch.Generator().manual_seed(s), progress=False, noise_source="philox")
+    a, b, c = (fast.sample(2, generator=generator(s), progress=False, noise_source="philox")
                for s in (1, 1, 2))  # fmt: skip
     assert torch.equal(a, b) and not torch.allclose(a, c)
     with pytest.raises(ValueError, match="^noise_source must be one of"):
@@ -153,7 +157,7 @@ def test_the_step_a_cuda_graph_captures_equals_the_plain_loop(sampler, kernels_o
     kind = "sampling" if sampler == "sample" else "ddim"
     outs, states = [], []
     for runner in (False, True):
-        g = torch.Generator().manual_seed(9)
+        g = generator(9)
         x = fast._start(3, g, None)
         if sampler == "sample":
             steps = [(i, i - 1) for i in reversed(range(4))]
@@ -178,12 +182,13 @@ def test_the_step_a_cuda_graph_captures_equals_the_plain_loop(sampler, kernels_o
 def test_cuda_graph_option(kernels_on):
     _, fast = sampling_pair()
     fast.num_timesteps = 2
-    with pytest.raises(ValueError, match="^cuda_graph=True needs a CUDA device"):
-        fast.sample(1, cuda_graph=True, progress=False)
     with pytest.raises(ValueError, match="^cuda_graph must be"):
         fast.sample(1, cuda_graph="yes", progress=False)
-    assert fast.sample(1, cuda_graph="auto", progress=False).shape == (1, 3, 8, 8)  # CPU: the plain loop
-    assert len(fast._graphs) == 0
+    if DEVICE.type == "cpu":
+        with pytest.raises(ValueError, match="^cuda_graph=True needs a CUDA device"):
+            fast.sample(1, cuda_graph=True, progress=False)
+        assert fast.sample(1, cuda_graph="auto", progress=False).shape == (1, 3, 8, 8)  # CPU: the plain loop
+        assert len(fast._graphs) == 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="capturing a CUDA graph needs a CUDA device")
@@ -193,7 +198,7 @@ def test_cuda_graph_capture_replays_the_loop():
     _, fast = sampling_pair()
     fast = fast.cuda()
     run = lambda graph, seed=0, eta=0.0: fast.ddim_sample(  # noqa: E731
-        4, steps=10, eta=eta, generator=torch.Generator("cuda").manual_seed(seed), progress=False, cuda_graph=graph
+        4, steps=10, eta=eta, generator=generator(seed), progress=False, cuda_graph=graph
     )
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)
     assert torch.equal(run(True, 3, 1.0), run(True, 3, 1.0))

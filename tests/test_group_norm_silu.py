@@ -11,6 +11,8 @@ from ddpm_fast import GroupNormSiLU, kernels
 
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+
 # (B, C, H, W, groups): the U-Net's shapes scaled down, and odd ones.
 SHAPES = [
     (2, 64, 8, 8, 32),

@@ -1,23 +1,25 @@
-"""kernels.q_sample against reference.q_sample, under Triton's interpreter."""
+"""kernels.q_sample against reference.q_sample run in float64, on the tests' device (compiled
+kernels on CUDA, Triton's interpreter on a CPU: see conftest.py)."""
 
 import importlib
 
 import pytest
 import torch
-from helpers import DTYPES, LAYOUTS, TOL, check_layout, make
+from helpers import DEVICE, DTYPES, LAYOUTS, TOL, assert_close64, check_layout, float64_twin, make
 
 from ddpm_fast import kernels, reference
 from ddpm_fast.schedule import make_betas, schedule_buffers
 
 q_sample_module = importlib.import_module("ddpm_fast.kernels.q_sample")  # the attribute is the function
 T = 1000
+pytestmark = pytest.mark.on_device
 SHAPES = [(1, 1, 5, 5), (3, 3, 5, 5), (7, 1, 4, 6), (2, 3, 32, 32), (5, 17)]
 
 
 @pytest.fixture(scope="module")
 def coefs():
     b = schedule_buffers(make_betas("linear", T))
-    return b["sqrt_alphas_cumprod"], b["sqrt_one_minus_alphas_cumprod"]
+    return b["sqrt_alphas_cumprod"].to(DEVICE), b["sqrt_one_minus_alphas_cumprod"].to(DEVICE)
 
 
 @pytest.fixture(autouse=True)
@@ -26,18 +28,26 @@ def _triton_path(monkeypatch):
 
 
 def run_both(x0, t, noise, coefs, grad=None):
-    """Forward and backward through kernel and twin; returns ((out, dx0, dnoise) fused, eager)."""
+    """Forward and backward through the kernel and through the eager twin on float64 copies;
+    returns ((out, dx0, dnoise) fused, float64)."""
     results = []
-    for op in (kernels.q_sample, reference.q_sample):
-        a = x0.detach().clone().requires_grad_() if grad is not None else x0
-        n = noise.detach().clone().requires_grad_() if grad is not None else noise
-        out = op(a, t, n, *coefs)
+    for op, cast in ((kernels.q_sample, lambda x: x), (reference.q_sample, torch.Tensor.double)):
+        a = cast(x0.detach().clone()).requires_grad_(grad is not None)
+        n = cast(noise.detach().clone()).requires_grad_(grad is not None)
+        with float64_twin():
+            out = op(a, t, n, *(cast(c) for c in coefs))
         if grad is None:
             results.append((out, None, None))
             continue
-        (out.sum() if grad == "sum" else out).backward(None if grad == "sum" else grad)
+        (out.sum() if grad == "sum" else out).backward(None if grad == "sum" else cast(grad))
         results.append((out, a.grad, n.grad))
     return results
+
+
+def assert_all_close(fused, ref, dtype):
+    for name, f, r in zip(("out", "dx0", "dnoise"), fused, ref):
+        if r is not None:
+            assert_close64(f, r, dtype, msg=lambda m, n=name: f"{n}: {m}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -47,10 +57,8 @@ def test_forward_and_backward_match_eager(coefs, dtype, shape):
     t = torch.randint(0, T, (shape[0],))
     g = make(shape, dtype)
     (out, dx, dn), (ref, rdx, rdn) = run_both(x0, t, noise, coefs, grad=g)
-    assert out.dtype == dtype and out.shape == shape
-    torch.testing.assert_close(out, ref, **TOL[dtype])
-    torch.testing.assert_close(dx, rdx, **TOL[dtype])
-    torch.testing.assert_close(dn, rdn, **TOL[dtype])
+    assert out.dtype == dtype and out.shape == shape and out.device.type == DEVICE.type
+    assert_all_close((out, dx, dn), (ref, rdx, rdn), dtype)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -59,10 +67,8 @@ def test_non_contiguous_inputs_and_gradients(coefs, layout):
     x0, noise = make(shape, torch.float32, layout), make(shape, torch.float32, layout)
     check_layout(x0, layout)
     t = torch.tensor([0, 511, 999])
-    (out, dx, dn), (ref, rdx, rdn) = run_both(x0, t, noise, coefs, grad=make(shape, torch.float32, layout))
-    torch.testing.assert_close(out, ref, **TOL[torch.float32])
-    torch.testing.assert_close(dx, rdx, **TOL[torch.float32])
-    torch.testing.assert_close(dn, rdn, **TOL[torch.float32])
+    fused, ref = run_both(x0, t, noise, coefs, grad=make(shape, torch.float32, layout))
+    assert_all_close(fused, ref, torch.float32)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -72,8 +78,7 @@ def test_gradient_of_sum_is_read_through_zero_strides(coefs, dtype):
     x0, noise = make(shape, dtype), make(shape, dtype)
     t = torch.tensor([3, 0, 998])
     (_, dx, dn), (_, rdx, rdn) = run_both(x0, t, noise, coefs, grad="sum")
-    torch.testing.assert_close(dx, rdx, **TOL[dtype])
-    torch.testing.assert_close(dn, rdn, **TOL[dtype])
+    assert_all_close((None, dx, dn), (None, rdx, rdn), dtype)
     # Each sample's gradient is its own coefficient, not another sample's.
     torch.testing.assert_close(dx[:, 0, 0, 0].float(), coefs[0][t].to(dtype).float(), **TOL[dtype])
 
@@ -83,7 +88,7 @@ def test_mixed_dtypes_and_int32_timesteps(coefs):
     t = torch.tensor([1, 2, 3], dtype=torch.int32)
     (out, _, _), (ref, _, _) = run_both(x0, t, noise, coefs)
     assert out.dtype == torch.float16
-    torch.testing.assert_close(out, ref, **TOL[torch.float16])
+    assert_close64(out, ref.double(), torch.float16)
 
 
 def test_launches_the_kernel_and_checks_its_arguments(coefs, monkeypatch):

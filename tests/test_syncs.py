@@ -10,6 +10,8 @@ from ddpm_fast import DDPM, FastDDPM, UNet, UNetConfig, kernels
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 from ddpm_fast.train import EMA, train_step
 
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+
 TINY = UNetConfig(in_channels=3, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   num_groups=4, dropout=0.1)  # fmt: skip
 
@@ -100,6 +102,7 @@ def test_public_ops_check_t_with_one_sync_and_none_when_asked_not_to(monkeypatch
     assert count(lambda: kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], check_t=False)) == 0
 
 
+@pytest.mark.on_cpu  # the trainer's bookkeeping: its data loader lives on the CPU
 def test_the_trainer_reads_the_loss_every_n_steps(tmp_path, monkeypatch):
     from torch.utils.data import TensorDataset
 

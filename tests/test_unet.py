@@ -3,6 +3,8 @@ import torch
 
 from ddpm_fast.unet import PRESETS, UNet, UNetConfig
 
+pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+
 TINY = UNetConfig(in_channels=3, image_size=8, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                   num_groups=4, dropout=0.0)  # fmt: skip
 

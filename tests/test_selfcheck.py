@@ -1,0 +1,80 @@
+"""`ddpm-fast check`: every fused op against its float64 eager twin, a failure exits non-zero."""
+
+import io
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from helpers import DEVICE
+
+import ddpm_fast.kernels
+from ddpm_fast import selfcheck
+
+
+def test_every_op_passes_and_is_reported():
+    out = io.StringIO()
+    assert selfcheck.run(DEVICE, [torch.float32], timing=False, out=out) == 0
+    text = out.getvalue()
+    for op in ("q_sample fwd+bwd", "posterior_step", "ddim_step", "group_norm_silu+add fwd+bwd", "attention fwd+bwd"):
+        assert op in text, op
+    assert "torch " in text and "triton " in text and "PASSED: 0 failed" in text
+    assert text.count(" ok\n") == len(selfcheck._cases(DEVICE, [torch.float32], DEVICE.type == "cpu"))
+
+
+def test_a_wrong_kernel_fails_the_check(monkeypatch):
+    real = ddpm_fast.kernels.attention
+    monkeypatch.setattr(ddpm_fast.kernels, "attention", lambda q, k, v: real(q, k, v) * 1.001)
+    out = io.StringIO()
+    assert selfcheck.run(DEVICE, [torch.float32], timing=False, out=out) == 1
+    failed = [line for line in out.getvalue().splitlines() if "FAIL" in line]
+    assert len(failed) == 2 and "attention" in failed[0] and "FAIL (worst: " in failed[0]  # 0.1% off
+    assert failed[1].startswith("FAILED: 1 failed")
+
+
+def test_a_kernel_that_raises_is_a_reported_failure(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setattr(ddpm_fast.kernels, "posterior_step", broken)
+    out = io.StringIO()
+    assert selfcheck.run(DEVICE, [torch.float16], timing=False, out=out) == 1
+    assert "posterior_step" in out.getvalue() and "FAIL: RuntimeError: out of resources" in out.getvalue()
+
+
+def test_the_command_on_a_cpu_checks_in_the_interpreter_it_starts():
+    """Run as users do, without TRITON_INTERPRET: the command starts the interpreter itself."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "check", "--device", "cpu", "--dtype", "float32"],
+                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Triton interpreter on" in proc.stdout and "run only in Triton's interpreter" in proc.stdout
+    assert "Timings: skipped" in proc.stdout and proc.stdout.rstrip().endswith("PASSED: 0 failed comparison(s)")
+
+
+def test_bad_options_are_named():
+    from ddpm_fast.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--device", "tpu"])
+    assert e.value.code == 2
+    with pytest.raises(SystemExit) as e:
+        main(["check", "--dtype", "float64"])
+    assert e.value.code == 2
+
+
+def test_the_timing_code_runs_each_op_and_step_on_both_paths(monkeypatch):
+    """The GPU timings' plumbing at tiny shapes, every call made once on the eager path (the
+    interpreter's speed means nothing; what is timed on a GPU is checked for a crash here)."""
+    import contextlib
+
+    calls = []
+    monkeypatch.setattr(selfcheck, "_median_ms", lambda fn: calls.append(fn()) or 1.0)
+    monkeypatch.setattr(ddpm_fast.kernels, "kernel_mode", lambda mode: contextlib.nullcontext())
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "eager")
+    rows = selfcheck.timings(DEVICE, small=True)
+    assert [what.split(" (")[0].split(",")[0] for what, _, _ in rows] == [
+        "q_sample fwd", "posterior_step", "group_norm_silu+add fwd+bwd", "attention fwd+bwd",
+        "group_norm_silu+add fwd+bwd", "attention fwd+bwd", "train step", "sampling step"]  # fmt: skip
+    assert all(eager == fused == 1.0 for _, eager, fused in rows) and len(calls) == 2 * len(rows)
