@@ -1,29 +1,34 @@
-"""Attention over the 16x16 feature map (256 tokens, 256 channels), fused against eager."""
+"""Attention over the 16x16 feature map (256 tokens, 256 channels) with q, k, v laid out as the
+U-Net's AttnBlock passes them (views of one projection's output): fused against eager,
+torch.compile and scaled_dot_product_attention (flash / memory-efficient backends, d = 256)."""
 
 import pytest
 import torch
-from conftest import DEVICE, IMPLS, ops, skip_unless_runnable
+import torch.nn.functional as F
+from conftest import CUDA, DEVICE, DTYPE_IDS, IMPLS, op, skip_unless_runnable
 
-ATTN_CASES = [((128, 1, 256, 256), "fwd"), ((128, 1, 256, 256), "fwd+bwd"), ((16, 1, 256, 256), "fwd")]
+CASES = [(128, "fwd", torch.float16), (128, "fwd+bwd", torch.float16), (128, "fwd", torch.bfloat16),
+         (128, "fwd+bwd", torch.bfloat16), (128, "fwd+bwd", torch.float32), (16, "fwd", torch.float16)]  # fmt: skip
+if not CUDA:  # half matmuls on a CPU say nothing about a GPU
+    CASES = [(16, "fwd", torch.float32), (16, "fwd+bwd", torch.float32)]
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("shape, phase", ATTN_CASES, ids=[f"{s}-{p}" for s, p in ATTN_CASES])
-def test_attention(measure, impl, shape, phase, dtype):
+@pytest.mark.parametrize("impl", IMPLS + ["sdpa"])
+@pytest.mark.parametrize("batch, phase, dtype", CASES, ids=[f"{b}-{p}-{DTYPE_IDS[d]}" for b, p, d in CASES])
+def test_attention(measure, impl, batch, phase, dtype):
     skip_unless_runnable(impl)
-    if dtype == torch.float16 and DEVICE.type == "cpu":
-        pytest.skip("float16 matmuls on a CPU say nothing about the GPU")
+    L, d = 256, 256
     grad = phase != "fwd"
-    q, k, v = (torch.randn(shape, device=DEVICE, dtype=dtype, requires_grad=grad) for _ in range(3))
-    do = torch.randn(shape, device=DEVICE, dtype=dtype)
+    qkv = torch.randn(batch, L, 3 * d, device=DEVICE, dtype=dtype)
+    q, k, v = (t.unsqueeze(1).requires_grad_(grad) for t in qkv.chunk(3, dim=-1))  # (B, 1, L, d) views
+    do = torch.randn(batch, 1, L, d, device=DEVICE, dtype=dtype)
+    attention = F.scaled_dot_product_attention if impl == "sdpa" else op(impl, "attention")
 
     def fn():
-        o = ops(impl).attention(q, k, v)
+        o = attention(q, k, v)
         if grad:
             o.backward(do)
         return o
 
-    B, H, L, d = shape
-    flops = 4 * B * H * L * L * d * (1 if phase == "fwd" else 3.5)  # backward: 5 matmuls to the forward's 2
-    measure(f"attention {phase} {shape} {str(dtype)[6:]}", fn, flops=flops)
+    flops = 4 * batch * L * L * d * (1 if phase == "fwd" else 3.5)  # backward: 5 matmuls to the forward's 2
+    measure(f"attention {phase} ({batch}, 1, {L}, {d}) {DTYPE_IDS[dtype]}", fn, flops=flops, dtype=dtype)

@@ -8,6 +8,7 @@ ddpm-fast sample --diffusers ddpm-cifar10-32 --n 64 --out samples.png    # the p
 ddpm-fast export --checkpoint runs/airplane/checkpoint.pt --out airplane.safetensors
 ddpm-fast fid cifar10 samples.npz --class airplane --data-root data   # FID (torchmetrics)
 ddpm-fast check                                   # this machine: versions, fused vs eager errors, timings
+ddpm-fast bench-report bench.json                 # pytest-benchmark JSON -> a markdown table of ratios
 """
 
 import argparse
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchvision.utils import save_image
 
-from ddpm_fast import interop, kernels, runs, selfcheck
+from ddpm_fast import benchreport, interop, kernels, runs, selfcheck
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
@@ -466,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
                        **fmt)  # fmt: skip
     selfcheck.add_arguments(c)
     c.set_defaults(func=check)
+
+    r = sub.add_parser("bench-report", help="pytest-benchmark JSON as one markdown table of ratios (fused vs eager, "
+                       "vs torch.compile, vs SDPA)", **fmt)  # fmt: skip
+    benchreport.add_arguments(r)
+    r.set_defaults(func=benchreport.main)
     return parser
 
 

@@ -300,8 +300,12 @@ def timings(device: torch.device, small: bool = False) -> list[tuple[str, float,
     return rows
 
 
-def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout) -> int:
-    """The whole check on `device`, printed to `out`; returns the exit status (1 on a failure)."""
+OPS = ("q_sample", "posterior_step", "ddim_step", "group_norm_silu", "attention")
+
+
+def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout, ops=None) -> int:
+    """The whole check on `device` (the comparisons of `ops` only, if given), printed to `out`;
+    returns the exit status (1 on a failure)."""
     from ddpm_fast.kernels._common import interpreter_on
 
     def say(line=""):
@@ -320,6 +324,8 @@ def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout) -> in
     say(f"  {'op':<28} {'shape':<30} {'dtype':<9} {'fused':>10} {'eager':>10}  result")
     failures = 0
     for case in _cases(device, dtypes, small):
+        if ops and not case.op.startswith(tuple(ops)):
+            continue
         try:
             r = compare(case)
         except Exception as e:  # a kernel that fails to build or launch is a failed check, reported
@@ -346,6 +352,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the device to check (a CPU checks the kernels in Triton's interpreter)")  # fmt: skip
     p.add_argument("--dtype", action="append", choices=list(DTYPE_NAMES), dest="dtypes",
                    help="a dtype to compare in (repeatable; default: all three)")  # fmt: skip
+    p.add_argument("--op", action="append", choices=OPS, dest="ops",
+                   help="compare only this op (repeatable; default: all)")  # fmt: skip
     p.add_argument("--no-timing", action="store_true", help="compare only; skip the timings")
 
 
@@ -364,10 +372,11 @@ def main(args) -> int:
         if want_interpreter:
             env["TRITON_INTERPRET"] = "1"
         argv = [sys.executable, "-m", "ddpm_fast.selfcheck", "--device", args.device]
-        argv += [a for d in args.dtypes or () for a in ("--dtype", d)] + (["--no-timing"] if args.no_timing else [])
+        argv += [a for d in args.dtypes or () for a in ("--dtype", d)]
+        argv += [a for o in args.ops or () for a in ("--op", o)] + (["--no-timing"] if args.no_timing else [])
         return subprocess.run(argv, env=env).returncode
     dtypes = [DTYPE_NAMES[d] for d in args.dtypes] if args.dtypes else list(TOLERANCES)
-    return run(device, dtypes, timing=not args.no_timing)
+    return run(device, dtypes, timing=not args.no_timing, ops=args.ops)
 
 
 if __name__ == "__main__":

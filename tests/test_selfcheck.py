@@ -27,7 +27,8 @@ def test_a_wrong_kernel_fails_the_check(monkeypatch):
     real = ddpm_fast.kernels.attention
     monkeypatch.setattr(ddpm_fast.kernels, "attention", lambda q, k, v: real(q, k, v) * 1.001)
     out = io.StringIO()
-    assert selfcheck.run(DEVICE, [torch.float32], timing=False, out=out) == 1
+    assert selfcheck.run(DEVICE, [torch.float32], timing=False, out=out, ops=["attention", "q_sample"]) == 1
+    assert "q_sample fwd+bwd" in out.getvalue() and "posterior_step" not in out.getvalue()
     failed = [line for line in out.getvalue().splitlines() if "FAIL" in line]
     assert len(failed) == 2 and "attention" in failed[0] and "FAIL (worst: " in failed[0]  # 0.1% off
     assert failed[1].startswith("FAILED: 1 failed")
@@ -39,14 +40,15 @@ def test_a_kernel_that_raises_is_a_reported_failure(monkeypatch):
 
     monkeypatch.setattr(ddpm_fast.kernels, "posterior_step", broken)
     out = io.StringIO()
-    assert selfcheck.run(DEVICE, [torch.float16], timing=False, out=out) == 1
+    assert selfcheck.run(DEVICE, [torch.float16], timing=False, out=out, ops=["posterior_step"]) == 1
     assert "posterior_step" in out.getvalue() and "FAIL: RuntimeError: out of resources" in out.getvalue()
 
 
 def test_the_command_on_a_cpu_checks_in_the_interpreter_it_starts():
     """Run as users do, without TRITON_INTERPRET: the command starts the interpreter itself."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "check", "--device", "cpu", "--dtype", "float32"],
+    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.cli", "check", "--device", "cpu", "--dtype", "float32",
+                           "--op", "q_sample", "--op", "attention"],
                           env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Triton interpreter on" in proc.stdout and "run only in Triton's interpreter" in proc.stdout
