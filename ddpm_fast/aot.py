@@ -3,6 +3,7 @@ one, and report registers, spills, shared memory and the matrix instructions per
 
     python -m ddpm_fast.aot --summary            # every scenario, sm_80 and sm_90
     python -m ddpm_fast.aot --scenarios train --cap 90 --json
+    python -m ddpm_fast.aot --scenarios tests --summary   # what `pytest` launches on a GPU
 
 What is compiled is what code launches: the scenarios run real code and catch each launch.
 - "train": one FastDDPM training step (forward, loss, backward, Adam) of the paper's 35.7M U-Net
@@ -12,6 +13,12 @@ What is compiled is what code launches: the scenarios run real code and catch ea
   (the attention block's token-major q, k, v; GroupNorm's strided time-embedding add ...).
 - "q_sample", "posterior_step", "group_norm_silu", "attention": each op at the configurations a
   user may call it with beyond the model (every option, transposed q/k/v, head dims 32 to 256).
+- "tests" (from a checkout, not in the default set): the kernel tests themselves, the
+  on_device modules of tests/, run with pytest in this process; each fused op is recorded on its
+  Triton path and then computed by its eager twin, so each test goes on with correct values and
+  reaches all of its launches (backward too). What a CUDA run of the suite compiles, at the
+  tests' odd sizes, strides and layouts. Tests that torch.compile, or that ask which path runs,
+  fail here; pytest's outcome counts are printed to stderr and not judged.
 Every autotuned kernel is compiled at each configuration its autotuner may pick.
 
 How: while a scenario runs, every Triton launch is recorded instead of run (Autotuner runs are
@@ -27,6 +34,7 @@ process of its own: the tests start it as a subprocess.
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -143,7 +151,13 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
     rows, seen = [], set()
     with _target(cap):
         for fn, args, kwargs in launches.values():
-            kernel = fn.run(*args, grid=(1,), warmup=True, **kwargs)
+            try:
+                kernel = fn.run(*args, grid=(1,), warmup=True, **kwargs)
+            except Exception as e:  # a launch that does not build for this GPU: a problem to report
+                config = {k: v for k, v in kwargs.items() if not k.startswith("num_")}
+                rows.append(dict(name=fn.fn.__name__, cap=cap, config=config,
+                                 error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"))  # fmt: skip
+                continue
             info = _resource_usage(kernel.asm["cubin"])
             info.update(name=kernel.name, cap=cap, num_warps=kernel.metadata.num_warps,
                         num_stages=kernel.metadata.num_stages, shared_meta=kernel.metadata.shared,
@@ -160,6 +174,9 @@ def problems(kernels: list[dict]) -> list[str]:
     """What would fail or run slowly on the GPU: register spills, too much shared memory."""
     out = []
     for k in kernels:
+        if "error" in k:
+            out.append(f"{k['name']} sm_{k['cap']} {k['config']}: does not compile ({k['error']})")
+            continue
         if "raw" in k:
             out.append(f"{k['name']}: cuobjdump gave no resource line")
             continue
@@ -362,7 +379,8 @@ def _launch_attention(dtype):
     """Forward and backward at head dims 32 to 256 (the paper's U-Net: 256 tokens of 256
     channels, one head), token-major (head dim contiguous, the U-Net's) and transposed (tokens
     contiguous: float32 at every head dim, half at 256); float32 both in IEEE and, as
-    torch.backends.cuda.matmul.allow_tf32 allows, in TF32."""
+    torch.backends.cuda.matmul.allow_tf32 allows, in TF32. At 256 tokens, and at 49 (a 7x7 map),
+    whose last tiles are masked."""
     import torch
 
     from ddpm_fast import kernels
@@ -372,9 +390,9 @@ def _launch_attention(dtype):
     try:
         for allow in tf32:
             torch.backends.cuda.matmul.allow_tf32 = allow
-            for d in (32, 64, 128, 256):
-                token_major = torch.empty(2, 256, 3 * d, dtype=dtype)[..., :d].unsqueeze(1)
-                transposed = torch.empty(2, 1, d, 256, dtype=dtype).transpose(-1, -2)
+            for d, tokens in itertools.product((32, 64, 128, 256), (256, 49)):
+                token_major = torch.empty(2, tokens, 3 * d, dtype=dtype)[..., :d].unsqueeze(1)
+                transposed = torch.empty(2, 1, d, tokens, dtype=dtype).transpose(-1, -2)
                 # the transposed layout where a user may bring it: float32 at every size, half at the U-Net's d
                 layouts = (token_major, transposed) if dtype == torch.float32 or d == 256 else (token_major,)
                 for q in layouts:
@@ -385,6 +403,58 @@ def _launch_attention(dtype):
         torch.backends.cuda.matmul.allow_tf32 = saved
 
 
+# -- the test suite's launches: what `pytest` launches on a CUDA device ------------------------------
+
+# The test modules whose tests run on the tests' device (pytestmark on_device, tests/conftest.py).
+DEVICE_TESTS = "on_device"
+
+
+def _record_test_suite(recorder: "Recorder", test_dir: str) -> dict:
+    """Run the kernel tests of `test_dir` (the on_device modules) with every fused op recorded
+    on its Triton path (every launch the op makes, as on a CUDA device) and then computed by its
+    eager twin, whose result the test goes on with: so a test reaches all of its launches, the
+    backward's too, in seconds. The tests' own verdicts mean nothing here (fused is eager) and are
+    only counted. Returns pytest's outcome counts."""
+    import pytest
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from ddpm_fast.kernels import get_kernel_mode, kernel_mode
+
+    class RecordThenEager(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func.namespace == "ddpm_fast" and get_kernel_mode() != "eager":
+                try:
+                    with kernel_mode("triton"), recorder.recording():
+                        func(*args, **kwargs)
+                except Exception:  # a bad input the op refuses: the test checks that, not us
+                    pass
+                with kernel_mode("eager"):
+                    return func(*args, **kwargs)
+            return func(*args, **kwargs)
+
+    counts: dict = {}
+
+    class Plugin:
+        @pytest.hookimpl(wrapper=True)
+        def pytest_runtest_call(self, item):
+            with RecordThenEager():
+                return (yield)
+
+        def pytest_runtest_logreport(self, report):
+            if report.when == "call" or report.outcome == "skipped":
+                counts[report.outcome] = counts.get(report.outcome, 0) + 1
+
+    # The tests' conftest picks the CPU here; TRITON_INTERPRET=0 keeps it from turning the
+    # interpreter on (kernels would then not compile), and the launches are recorded, not run.
+    os.environ["TRITON_INTERPRET"] = "0"
+    args = [test_dir, "-m", DEVICE_TESTS, "-q", "-p", "no:cacheprovider", "-p", "no:xdist", "-o", "addopts=",
+            "--no-header", "--tb=no", "-W", "ignore"]  # fmt: skip
+    with contextlib.redirect_stdout(sys.stderr):
+        pytest.main(args, plugins=[Plugin()])
+    return counts
+
+
 OP_LAUNCHERS = {
     "q_sample": _launch_q_sample,
     "posterior_step": _launch_posterior_step,
@@ -393,17 +463,33 @@ OP_LAUNCHERS = {
 }
 MODEL_LAUNCHERS = {"train": _launch_train, "sample": _launch_sample}
 SCENARIOS = (*MODEL_LAUNCHERS, *OP_LAUNCHERS)
+TESTS = "tests"  # not in the default set: it needs the repository's tests/ folder
+TEST_OUTCOMES: dict = {}  # pytest's outcome counts of the last "tests" recording
 
 
-def record(scenarios=SCENARIOS, precisions=PRECISIONS, layouts=("nchw", "channels_last")) -> dict:
+def _by_dtype(rec: Recorder) -> dict:
+    """A recorder's launches split by the dtype of each launch's first tensor."""
+    out: dict = {}
+    for key, launch in rec.launches.items():
+        dtype = next(str(k[1]).removeprefix("torch.") for k in key[1] if k[0] == "tensor")
+        out.setdefault(dtype, Recorder()).launches[key] = launch
+    return out
+
+
+def record(scenarios=SCENARIOS, precisions=PRECISIONS, layouts=("nchw", "channels_last"), test_dir="tests") -> dict:
     """{scenario: {precision: Recorder}}: the launches each scenario makes."""
     import torch
 
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("ahead-of-time compilation needs TRITON_INTERPRET unset")
-    os.environ["DDPM_FAST_KERNELS"] = "triton"
     out = {}
-    for scenario in scenarios:
+    if TESTS in scenarios:
+        os.environ.pop("DDPM_FAST_KERNELS", None)  # the tests' own default, "auto": Triton on CUDA
+        rec = Recorder()
+        TEST_OUTCOMES.update(_record_test_suite(rec, test_dir))
+        out[TESTS] = _by_dtype(rec)
+    os.environ["DDPM_FAST_KERNELS"] = "triton"
+    for scenario in (s for s in scenarios if s != TESTS):
         for precision in precisions:
             rec = Recorder()
             with rec.recording():
@@ -416,11 +502,12 @@ def record(scenarios=SCENARIOS, precisions=PRECISIONS, layouts=("nchw", "channel
     return out
 
 
-def compile_report(scenarios=SCENARIOS, caps=(80, 90), precisions=PRECISIONS, layouts=("nchw", "channels_last")):
+def compile_report(scenarios=SCENARIOS, caps=(80, 90), precisions=PRECISIONS, layouts=("nchw", "channels_last"),
+                   test_dir="tests"):  # fmt: skip
     rows = []
     for cap in caps:
         with _target(cap):  # recorded per target: the attention autotuner's lists differ by GPU generation
-            recorded = record(scenarios, precisions, layouts)
+            recorded = record(scenarios, precisions, layouts, test_dir)
         for scenario, by_precision in recorded.items():
             for precision, rec in by_precision.items():
                 rows += [dict(k, scenario=scenario, dtype=precision) for k in compile_launches(rec.launches, cap)]
@@ -432,7 +519,8 @@ def summary(rows: list[dict]) -> str:
     registers, spilled bytes and shared memory any of them uses, the stages and matrix unit."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        groups.setdefault((r["name"], r["cap"], r["dtype"]), []).append(r)
+        if "error" not in r:  # those are listed by problems()
+            groups.setdefault((r["name"], r["cap"], r["dtype"]), []).append(r)
     lines = ["| kernel | sm | precision | configs | max regs | max spill B | max smem B | stages | dots on |",
              "|---|---:|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for (name, cap, dtype), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
@@ -447,7 +535,10 @@ def summary(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ddpm_fast.aot", description=__doc__.split("\n")[0])
-    parser.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, from {list(SCENARIOS)}")
+    parser.add_argument("--scenarios", default=",".join(SCENARIOS),
+                        help=f"comma-separated, from {list(SCENARIOS)}, and {TESTS!r}: the kernel tests' own launches "
+                             "(run from a checkout)")  # fmt: skip
+    parser.add_argument("--test-dir", default="tests", help="where the 'tests' scenario finds the test suite")
     parser.add_argument("--cap", type=int, nargs="+", default=[80, 90], help="compute capabilities (80, 90)")
     parser.add_argument("--precisions", default=",".join(PRECISIONS))
     parser.add_argument("--layouts", default="nchw,channels_last", help="the model scenarios' layouts")
@@ -455,20 +546,25 @@ def main(argv=None) -> int:
     parser.add_argument("--summary", action="store_true", help="one line per kernel, sm and precision")
     args = parser.parse_args(argv)
     scenarios = [s for s in args.scenarios.split(",") if s]
-    unknown = [s for s in scenarios if s not in SCENARIOS]
+    unknown = [s for s in scenarios if s not in (*SCENARIOS, TESTS)]
     if unknown:
-        parser.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
-    rows = compile_report(scenarios, args.cap, args.precisions.split(","), args.layouts.split(","))
+        parser.error(f"unknown scenario(s) {unknown}; choose from {[*SCENARIOS, TESTS]}")
+    if TESTS in scenarios and not os.path.isdir(args.test_dir):
+        parser.error(f"--test-dir {args.test_dir!r} is not a folder: the 'tests' scenario runs a checkout's tests")
+    rows = compile_report(scenarios, args.cap, args.precisions.split(","), args.layouts.split(","), args.test_dir)
     found = problems(rows)
+    if TESTS in scenarios:
+        print(f"tests scenario: pytest outcomes {TEST_OUTCOMES} (launches recorded; verdicts meaningless here)",
+              file=sys.stderr)  # fmt: skip
     if args.json:
-        print(json.dumps({"kernels": rows, "problems": found}, default=str))
+        print(json.dumps({"kernels": rows, "problems": found, "test_outcomes": TEST_OUTCOMES}, default=str))
     elif args.summary:
         print(summary(rows))
         print("problems:", "; ".join(found) if found else "none")
     else:
         print(f"{'scenario':<16}{'dtype':<9}{'kernel':<32}{'sm':>4}{'warps':>6}{'stg':>4}{'regs':>6}{'spill B':>9}"
               f"{'smem B':>9}{'dots':>7}  config")  # fmt: skip
-        for r in rows:
+        for r in (r for r in rows if "error" not in r):
             spill = r.get("stack", 0) + r.get("local", 0)
             print(f"{r['scenario']:<16}{r['dtype']:<9}{r['name']:<32}{r['cap']:>4}{r['num_warps']:>6}"
                   f"{r['num_stages']:>4}{r.get('regs', '?'):>6}{spill:>9}{r['shared_meta']:>9}{r['mma']:>7}"

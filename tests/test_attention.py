@@ -82,11 +82,26 @@ def test_the_unets_own_layout(dtype):
     check(q, k, v, torch.randn(2, 1, 256, 64), dtype)
 
 
-@pytest.mark.parametrize("layout", ["transposed", "strided"])
-def test_non_contiguous_inputs(layout):
-    q, k, v = qkv(2, 1, 49, 32, torch.float32, layout)
+@pytest.mark.parametrize("layout, L", [("transposed", 49), ("transposed", 64), ("strided", 49)])
+def test_non_contiguous_inputs(layout, L):
+    q, k, v = qkv(2, 1, L, 32, torch.float32, layout)
     assert not q.is_contiguous()
-    check(q, k, v, torch.randn(2, 1, 49, 32), torch.float32)
+    check(q, k, v, torch.randn(2, 1, L, 32), torch.float32)
+
+
+def test_only_views_the_tiles_cannot_read_in_place_are_copied():
+    """A transposed view is read in place where its strides are multiples of 16 elements (L % 16
+    == 0) and copied to token-major where not (its tiles would load element by element and spill);
+    head-dim-contiguous layouts, the U-Net's token-major one included, are always read in place."""
+    import importlib
+
+    tile_friendly = importlib.import_module("ddpm_fast.kernels.attention")._tile_friendly
+    for layout, L, copied in (("transposed", 49, True), ("transposed", 64, False), ("strided", 49, False),
+                              ("token_major", 49, False), ("contiguous", 49, False)):  # fmt: skip
+        x = qkv(2, 1, L, 32, torch.float32, layout)[0]
+        y = tile_friendly(x)
+        assert torch.equal(x, y) and (y.data_ptr() != x.data_ptr()) == copied, (layout, L)
+        assert not copied or y.stride(-1) == 1
 
 
 @pytest.mark.parametrize("grad_kind", ["sum", "strided"])

@@ -2,8 +2,10 @@
 without spilling and within the GPU's shared memory: a FastDDPM training step (batch 128 and 4)
 and sampling steps (batch 1, 16, 256) of the paper's U-Net in float32, float16 and bfloat16
 autocast, NCHW and channels_last, plus each op's own cases and every configuration the attention
-autotuner may pick. The interpreter and real compilation cannot share a process, so the report
-runs in subprocesses with TRITON_INTERPRET unset, one per GPU generation, side by side."""
+autotuner may pick (attention at 256 tokens and at 49, whose last tiles are masked); and what a
+small test folder launches (the "tests" scenario). The interpreter and real compilation cannot
+share a process, so the report runs in subprocesses with TRITON_INTERPRET unset, one per GPU
+generation, side by side."""
 
 import json
 import os
@@ -78,3 +80,32 @@ def test_half_attention_runs_on_tensor_cores_and_hopper_uses_wgmma(reports):
                and k["dtype"] in ("float16", "bfloat16")]  # fmt: skip
         assert fwd and all(k["mma"] == unit for k in fwd), [(k["config"], k["mma"]) for k in fwd]
         assert all(k["num_stages"] >= 2 and k["config"]["BLOCK_M"] >= 64 for k in fwd), [k["config"] for k in fwd]
+
+
+def test_a_test_folders_own_launches_are_recorded_and_compiled(tmp_path):
+    """`python -m ddpm_fast.aot --scenarios tests` runs the on_device tests of a folder with each
+    fused op recorded on its Triton path, as a CUDA run launches it, then computed by its eager
+    twin: the tests go on with correct values (forward and backward), and what they would launch
+    on a GPU is compiled. Unmarked tests are not run."""
+    (tmp_path / "conftest.py").write_text(
+        "def pytest_configure(config):\n    config.addinivalue_line('markers', 'on_device: kernel tests')\n"
+    )
+    (tmp_path / "test_kernels.py").write_text(
+        "import pytest, torch\nfrom ddpm_fast import kernels, reference\npytestmark = pytest.mark.on_device\n\n"
+        "def test_attention():\n"
+        "    q = torch.randn(1, 1, 49, 32, requires_grad=True)\n"
+        "    out = kernels.attention(q, q, q)\n"
+        "    torch.testing.assert_close(out, reference.attention(q, q, q))\n"
+        "    out.sum().backward()\n"
+        "    assert torch.isfinite(q.grad).all() and q.grad.abs().sum() > 0\n"
+    )
+    (tmp_path / "test_other.py").write_text("def test_not_a_kernel_test():\n    raise AssertionError\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DDPM_FAST_KERNELS")}
+    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.aot", "--scenarios", "tests", "--test-dir", str(tmp_path),
+                           "--cap", "90", "--json"], env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert proc.stdout, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.splitlines()[-1])
+    assert report["test_outcomes"] == {"passed": 1}, proc.stderr[-3000:]
+    assert report["problems"] == []
+    names = {k["name"] for k in report["kernels"] if k["scenario"] == "tests" and k["dtype"] == "float32"}
+    assert names == {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"}
