@@ -155,8 +155,8 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
                 kernel = fn.run(*args, grid=(1,), warmup=True, **kwargs)
             except Exception as e:  # a launch that does not build for this GPU: a problem to report
                 config = {k: v for k, v in kwargs.items() if not k.startswith("num_")}
-                rows.append(dict(name=fn.fn.__name__, cap=cap, config=config,
-                                 error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1][:300]}"))  # fmt: skip
+                last_line = (str(e).strip().splitlines() or [""])[-1][:300]
+                rows.append(dict(name=fn.fn.__name__, cap=cap, config=config, error=f"{type(e).__name__}: {last_line}"))
                 continue
             info = _resource_usage(kernel.asm["cubin"])
             info.update(name=kernel.name, cap=cap, num_warps=kernel.metadata.num_warps,
@@ -427,8 +427,10 @@ def _record_test_suite(recorder: "Recorder", test_dir: str) -> dict:
                 try:
                     with kernel_mode("triton"), recorder.recording():
                         func(*args, **kwargs)
-                except Exception:  # a bad input the op refuses: the test checks that, not us
-                    pass
+                except Exception as fused_error:
+                    with kernel_mode("eager"):  # a bad input both paths refuse: the eager error, as the test expects
+                        func(*args, **kwargs)
+                    raise fused_error  # the Triton path failed where its eager twin did not
                 with kernel_mode("eager"):
                     return func(*args, **kwargs)
             return func(*args, **kwargs)
