@@ -12,9 +12,10 @@ setup(
     packages=["ddpm_fast", "ddpm_fast.kernels"],
     package_dir={"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"},
     install_requires=[
-        "torch>=2.4",
-        "torchvision>=0.19",
-        "triton>=3.0; platform_system == 'Linux'",
+        # The supported range, proven by CI at both ends (.ci/run): torch 2.11 (Triton 3.6) to the newest.
+        "torch>=2.11",
+        "torchvision>=0.26",
+        "triton>=3.6; platform_system == 'Linux'",
         "numpy>=1.24",
         "tqdm>=4.60",
         "matplotlib>=3.5",

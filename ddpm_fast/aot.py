@@ -91,13 +91,18 @@ class Recorder:
     """Catches Triton launches (JITFunction and Autotuner runs) and keeps one of each kind."""
 
     def __init__(self):
-        self.launches: dict = {}
+        self.launches: dict = {}  # key -> (fn, stand-in args, kwargs, autotuned launch or None)
+        self.tuning = None  # while an autotuned launch is expanded: its key (what it was called with)
+
+    @staticmethod
+    def key(name: str, args, kwargs) -> tuple:
+        kw = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+        return name, tuple(_stand_in(a)[0] for a in args), tuple(sorted((k, repr(v)) for k, v in kw.items()))
 
     def add(self, fn, args, kwargs) -> None:
-        keys, stand_ins = zip(*(_stand_in(a) for a in args)) if args else ((), ())
+        stand_ins = tuple(_stand_in(a)[1] for a in args)
         kw = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
-        key = (fn.fn.__qualname__, keys, tuple(sorted((k, repr(v)) for k, v in kw.items())))
-        self.launches.setdefault(key, (fn, stand_ins, kw))
+        self.launches.setdefault(self.key(fn.fn.__qualname__, args, kwargs), (fn, stand_ins, kw, self.tuning))
 
     @contextlib.contextmanager
     def recording(self):
@@ -112,8 +117,12 @@ class Recorder:
 
         def every_config(self, *args, **kwargs):
             self.nargs = dict(zip(self.arg_names, args))
-            for config in self.prune_configs(kwargs):
-                self.fn.run(*args, **kwargs, **config.all_kwargs())
+            recorder.tuning = repr(Recorder.key(self.base_fn.__qualname__, args, kwargs))
+            try:
+                for config in self.prune_configs(kwargs):
+                    self.fn.run(*args, **kwargs, **config.all_kwargs())
+            finally:
+                recorder.tuning = None
 
         JITFunction.run, Autotuner.run = record, every_config
         try:
@@ -150,7 +159,7 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
     """Compile each recorded launch for sm_<cap>; one row per distinct compiled kernel."""
     rows, seen = [], set()
     with _target(cap):
-        for fn, args, kwargs in launches.values():
+        for fn, args, kwargs, tuned in launches.values():
             try:
                 kernel = fn.run(*args, grid=(1,), warmup=True, **kwargs)
             except Exception as e:  # a launch that does not build for this GPU: a problem to report
@@ -161,7 +170,7 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
             info = _resource_usage(kernel.asm["cubin"])
             info.update(name=kernel.name, cap=cap, num_warps=kernel.metadata.num_warps,
                         num_stages=kernel.metadata.num_stages, shared_meta=kernel.metadata.shared,
-                        mma=_matrix_unit(kernel.asm["ptx"]),
+                        mma=_matrix_unit(kernel.asm["ptx"]), tuned=tuned,
                         config={k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "GB", "SPLIT"))})  # fmt: skip
             key = json.dumps(info, sort_keys=True, default=str)
             if key not in seen:
@@ -170,9 +179,22 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
     return rows
 
 
+def spills(k: dict) -> bool:
+    return bool(k.get("stack") or k.get("local"))
+
+
+def pruned(kernels: list[dict]) -> list[dict]:
+    """The autotuner's configurations that spill: kernels.attention.spill_free drops them on the
+    GPU before timing (as long as one of the launch's configurations is clean), so they never run."""
+    return [k for k in kernels if k.get("tuned") and "error" not in k and "raw" not in k and spills(k)]
+
+
 def problems(kernels: list[dict]) -> list[str]:
-    """What would fail or run slowly on the GPU: register spills, too much shared memory."""
+    """What would fail or run slowly on the GPU: a kernel that runs with spilled registers (one
+    that is not autotuned, or an autotuned launch none of whose configurations is spill-free), too
+    much shared memory, a launch that does not compile."""
     out = []
+    clean_launches = {(k["tuned"], k["cap"]) for k in kernels if k.get("tuned") and "error" not in k and not spills(k)}
     for k in kernels:
         if "error" in k:
             out.append(f"{k['name']} sm_{k['cap']} {k['config']}: does not compile ({k['error']})")
@@ -180,9 +202,10 @@ def problems(kernels: list[dict]) -> list[str]:
         if "raw" in k:
             out.append(f"{k['name']}: cuobjdump gave no resource line")
             continue
-        if k["stack"] or k["local"]:
+        if spills(k) and (not k.get("tuned") or (k["tuned"], k["cap"]) not in clean_launches):
+            why = "every configuration of this autotuned launch spills" if k.get("tuned") else "spills"
             out.append(
-                f"{k['name']} sm_{k['cap']} {k.get('config')}: spills (stack {k['stack']} B, local {k['local']} B)"
+                f"{k['name']} sm_{k['cap']} {k.get('config')}: {why} (stack {k['stack']} B, local {k['local']} B)"
             )
         limit = MAX_SHARED.get(k["cap"])
         if limit and k["shared_meta"] > limit:
@@ -231,6 +254,7 @@ def _shape_only_mode():
                 return func(*args, **kwargs)
             aliased = inputs_by_alias(func, args, kwargs)
             returns = func._schema.returns
+            nhwc = func._schema.name in CONVOLUTIONS and _channels_last(args[:2])
 
             def real(meta, ret):
                 if not isinstance(meta, torch.Tensor):
@@ -238,6 +262,8 @@ def _shape_only_mode():
                 source = None
                 if ret is not None and ret.alias_info is not None:
                     source = next((aliased[n] for n in ret.alias_info.before_set if n in aliased), None)
+                if source is None and nhwc and meta.ndim == 4:  # what cuDNN returns; meta says NCHW
+                    return torch.empty(meta.shape, dtype=meta.dtype, memory_format=torch.channels_last)
                 if source is None:
                     return torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
                 if ret.alias_info.is_write:
@@ -253,6 +279,19 @@ def _shape_only_mode():
 
 
 SMALL = 4096  # ops on tensors no larger than this run for real in the shape-only mode
+# Convolutions whose meta kernels return NCHW for channels_last inputs, where cuDNN (and the CPU)
+# keep channels_last: the shape-only mode gives their outputs the real layout, so that the
+# channels_last scenarios reach the kernels with NHWC tensors, as `--channels-last` training does.
+CONVOLUTIONS = ("aten::convolution", "aten::convolution_backward")
+
+
+def _channels_last(tensors) -> bool:
+    """cuDNN's rule: a convolution runs channels_last when its input or weight is channels_last."""
+    import torch
+
+    return any(isinstance(t, torch.Tensor) and t.ndim == 4 and not t.is_contiguous()
+               and t.is_contiguous(memory_format=torch.channels_last) for t in tensors)  # fmt: skip
+
 
 PRECISIONS = ("float32", "float16", "bfloat16")
 
@@ -378,18 +417,23 @@ def _launch_group_norm_silu(dtype):
 def _launch_attention(dtype):
     """Forward and backward at head dims 32 to 256 (the paper's U-Net: 256 tokens of 256
     channels, one head), token-major (head dim contiguous, the U-Net's) and transposed (tokens
-    contiguous: float32 at every head dim, half at 256); float32 both in IEEE and, as
-    torch.backends.cuda.matmul.allow_tf32 allows, in TF32. At 256 tokens, and at 49 (a 7x7 map),
+    contiguous: float32 at every head dim, half at 256); float32 both in IEEE and, as torch's
+    matmul precision (fp32_precision, or the legacy allow_tf32) allows, in TF32. At 256 tokens, and at 49 (a 7x7 map),
     whose last tiles are masked."""
     import torch
 
     from ddpm_fast import kernels
 
     tf32 = (False, True) if dtype == torch.float32 else (False,)
-    saved = torch.backends.cuda.matmul.allow_tf32
+    matmul = torch.backends.cuda.matmul
+    new_api = hasattr(matmul, "fp32_precision")  # torch's API; the legacy allow_tf32 where it is missing
+    saved = matmul.fp32_precision if new_api else matmul.allow_tf32
     try:
         for allow in tf32:
-            torch.backends.cuda.matmul.allow_tf32 = allow
+            if new_api:
+                matmul.fp32_precision = "tf32" if allow else "ieee"
+            else:
+                matmul.allow_tf32 = allow
             for d, tokens in itertools.product((32, 64, 128, 256), (256, 49)):
                 token_major = torch.empty(2, tokens, 3 * d, dtype=dtype)[..., :d].unsqueeze(1)
                 transposed = torch.empty(2, 1, d, tokens, dtype=dtype).transpose(-1, -2)
@@ -400,7 +444,7 @@ def _launch_attention(dtype):
                     out = kernels.attention(q, q, q)
                     out.backward(torch.empty_like(out))
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = saved
+        setattr(matmul, "fp32_precision" if new_api else "allow_tf32", saved)
 
 
 # -- the test suite's launches: what `pytest` launches on a CUDA device ------------------------------
@@ -523,15 +567,18 @@ def summary(rows: list[dict]) -> str:
     for r in rows:
         if "error" not in r:  # those are listed by problems()
             groups.setdefault((r["name"], r["cap"], r["dtype"]), []).append(r)
-    lines = ["| kernel | sm | precision | configs | max regs | max spill B | max smem B | stages | dots on |",
-             "|---|---:|---|---:|---:|---:|---:|---|---|"]  # fmt: skip
+    dropped = {id(r) for r in pruned(rows)}
+    lines = ["| kernel | sm | precision | configs | pruned | max regs | max spill B | max smem B | stages | dots on |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---|---|"]  # fmt: skip
     for (name, cap, dtype), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
-        spill = max(r.get("stack", 0) + r.get("local", 0) for r in rs)
-        regs = max(r.get("regs", 0) for r in rs)
+        run = [r for r in rs if id(r) not in dropped] or rs  # what can run: spilling tuned configs are pruned
+        spill = max(r.get("stack", 0) + r.get("local", 0) for r in run)
+        regs = max(r.get("regs", 0) for r in run)
         smem = max(r["shared_meta"] for r in rs)
         stages = "-".join(map(str, sorted({r["num_stages"] for r in rs})))
         units = ", ".join(sorted({r["mma"] for r in rs}))
-        lines.append(f"| `{name}` | {cap} | {dtype} | {len(rs)} | {regs} | {spill} | {smem:,} | {stages} | {units} |")
+        lines.append(f"| `{name}` | {cap} | {dtype} | {len(rs)} | {len(rs) - len(run)} | {regs} | {spill} | {smem:,} "
+                     f"| {stages} | {units} |")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -558,10 +605,16 @@ def main(argv=None) -> int:
     if TESTS in scenarios:
         print(f"tests scenario: pytest outcomes {TEST_OUTCOMES} (launches recorded; verdicts meaningless here)",
               file=sys.stderr)  # fmt: skip
+    import triton
+
+    versions = {"torch": __import__("torch").__version__, "triton": triton.__version__}
     if args.json:
-        print(json.dumps({"kernels": rows, "problems": found, "test_outcomes": TEST_OUTCOMES}, default=str))
+        print(json.dumps({"kernels": rows, "problems": found, "pruned": len(pruned(rows)), "versions": versions,
+                          "test_outcomes": TEST_OUTCOMES}, default=str))  # fmt: skip
     elif args.summary:
+        print(f"torch {versions['torch']}, triton {versions['triton']}")
         print(summary(rows))
+        print(f"pruned at run time (spilling autotune configurations): {len(pruned(rows))}")
         print("problems:", "; ".join(found) if found else "none")
     else:
         print(f"{'scenario':<16}{'dtype':<9}{'kernel':<32}{'sm':>4}{'warps':>6}{'stg':>4}{'regs':>6}{'spill B':>9}"

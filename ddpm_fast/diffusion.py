@@ -21,6 +21,9 @@ from ddpm_fast.profiling import nvtx_range
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
+# Sampling starts from x_T ~ N(0, I); a schedule whose alphas_cumprod[-1] is above this leaves
+# more than 10% of x_0 in x_T (sqrt(0.01)), which the sampler never sees: DDPM warns.
+MAX_FINAL_ALPHA_BAR = 0.01
 
 _WARNED: set = set()  # keys of the warnings warn_once has given in this process
 
@@ -64,6 +67,21 @@ def ddim_timesteps(num_timesteps: int, steps: int, spacing: str = "leading") -> 
     return [(int(t), max(int(t) - stride, -1)) for t in ts]
 
 
+def _warn_if_short(alphas_cumprod: torch.Tensor, beta_schedule: str, timesteps: int) -> None:
+    """Warn (once per schedule) when x_T keeps visible signal: the linear schedule's betas run from
+    1e-4 to 0.02 whatever T is, so below about T = 460 alphas_cumprod[-1] stays above 0.01 (0.36 at
+    T = 100: x_T = 0.60 x_0 + 0.80 eps) while sampling starts from pure noise."""
+    final = float(alphas_cumprod[-1])
+    if final > MAX_FINAL_ALPHA_BAR:
+        warn_once(
+            ("short schedule", beta_schedule, timesteps),
+            f"DDPM(timesteps={timesteps}, beta_schedule={beta_schedule!r}): alphas_cumprod[-1] = {final:.3g} > "
+            f"{MAX_FINAL_ALPHA_BAR}, so x_T still holds {final**0.5:.2f} x_0 while sampling starts from pure noise: "
+            "samples come out wrong. Use beta_schedule='cosine' (any T), or the linear schedule with timesteps >= 460",
+            UserWarning,
+        )
+
+
 class DDPM(nn.Module):
     def __init__(
         self,
@@ -101,6 +119,7 @@ class DDPM(nn.Module):
         self.beta_schedule, self.prediction_type, self.variance_type = beta_schedule, prediction_type, variance_type
         for name, value in schedule_buffers(make_betas(beta_schedule, timesteps), variance_type).items():
             self.register_buffer(name, value)
+        _warn_if_short(self.alphas_cumprod, beta_schedule, timesteps)
         self._graphs = graphs.GraphCache()
         self.set_fused(fused)
 
@@ -144,31 +163,45 @@ class DDPM(nn.Module):
         return "fused" if kernels.use_triton(device) else "eager"
 
     def _model(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The model's prediction; a model that returns an object with `.sample` (diffusers'
-        UNet2DModel) is unwrapped."""
-        out = self.model(x, t)
+        """The model's prediction, x given in the model's dtype (a float16 / bfloat16 model gets
+        its own dtype; the sampler's and the loss's arithmetic stays float32); a model that
+        returns an object with `.sample` (diffusers' UNet2DModel) is unwrapped."""
+        dtype = self._model_dtype()
+        out = self.model(x if dtype is None or x.dtype == dtype else x.to(dtype), t)
         return out if isinstance(out, torch.Tensor) else out.sample
 
     # -- training (Algorithm 1) ---------------------------------------------------------
 
     def _check_images(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Checks x's metadata (no sync) and returns it in the model's floating dtype (float16 or
-        bfloat16 images with a float32 model are cast up; autocast still runs the convolutions in
-        its own dtype)."""
+        """Checks x's metadata (no sync) and returns it in the dtype the diffusion arithmetic runs
+        in: float32, the dtype of a float32 model (float16 or bfloat16 images are cast up), also
+        for a float16 or bfloat16 model, which `_model` hands its own dtype (a sampling chain
+        kept in half precision would round x_t at every one of its T steps); autocast still runs
+        the convolutions in its own dtype."""
         checks.check_float(name, x, ndim=4)
         expected = (self.channels, self.image_size, self.image_size)
         if tuple(x.shape[1:]) != expected:
             raise ValueError(f"{name} must have shape (B, {', '.join(map(str, expected))}), got {tuple(x.shape)}")
         if x.shape[0] == 0:
             raise ValueError(f"{name} is an empty batch (shape {tuple(x.shape)}): pass at least one image")
-        dtype = self._model_dtype()
-        return x if dtype is None or x.dtype == dtype else x.to(dtype)
+        return x if x.dtype == torch.float32 else x.float()
 
     def _model_dtype(self) -> torch.dtype | None:
         for p in self.model.parameters():
             if p.is_floating_point():
                 return p.dtype
         return None
+
+    def _apply(self, fn, recurse=True):
+        """`.to()`, `.half()`, `.cuda()` ... move the schedule buffers but keep them float32: a
+        bfloat16 sqrt_recip_alphas_cumprod (about 156 at t = 999) would be off by up to 0.4%."""
+        schedule = {name: buf for name, buf in self._buffers.items() if buf is not None and buf.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, before in schedule.items():
+            after = self._buffers[name]
+            if after.dtype != torch.float32:
+                self._buffers[name] = before.to(after.device)
+        return self
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Sample q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)   (eq. 4). t is checked here
@@ -292,9 +325,10 @@ class DDPM(nn.Module):
                 x = step(x, t, t_prev, generator)
             return x
         from ddpm_fast import kernels
+        from ddpm_fast.kernels._common import tf32_matmul
 
         key = (kind, options, tuple(x.shape), x.stride(), x.dtype, x.device, self.training, self.fused,
-               kernels.get_kernel_mode(), torch.backends.cuda.matmul.allow_tf32)  # fmt: skip
+               kernels.get_kernel_mode(), tf32_matmul())  # fmt: skip
         if graph:
             run = self._graphs.get(key, lambda: graphs.StepRunner(step, x))
         else:

@@ -21,6 +21,7 @@ memory held by graphs stays bounded.
 """
 
 import collections
+import contextlib
 
 import torch
 
@@ -51,6 +52,7 @@ class StepRunner:
 
     def __init__(self, step_fn, x: torch.Tensor):
         self.step_fn = step_fn
+        self.device = x.device
         self.x = torch.empty_like(x)
         self.t = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
         self.t_prev = torch.zeros_like(self.t)
@@ -61,20 +63,26 @@ class StepRunner:
         """One reverse step on the static buffers: what the graph records."""
         self.x.copy_(self.step_fn(self.x, self.t, self.t_prev, self.generator))
 
+    def _on_device(self):
+        """The buffers' GPU made current: torch.cuda.graph captures, and a graph replays, on the
+        current device's streams (x on cuda:1 while cuda:0 is current must still capture there)."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
     def capture(self, warmup: int = 2) -> None:
-        """Record the step in a CUDA graph (after a warmup on a side stream); the buffers and the
-        generator state are put back as they were."""
+        """Record the step in a CUDA graph (after a warmup on a side stream) on the buffers'
+        device; the buffers and the generator state are put back as they were."""
         saved_x, saved_rng = self.x.clone(), self.generator.get_state()
-        stream = torch.cuda.Stream(self.x.device)
-        stream.wait_stream(torch.cuda.current_stream(self.x.device))
-        with torch.cuda.stream(stream):
-            for _ in range(warmup):
+        with self._on_device():
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(warmup):
+                    self.step()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            graph.register_generator_state(self.generator)
+            with torch.cuda.graph(graph):
                 self.step()
-        torch.cuda.current_stream(self.x.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        graph.register_generator_state(self.generator)
-        with torch.cuda.graph(graph):
-            self.step()
         self.graph = graph
         self.x.copy_(saved_x)
         self.generator.set_state(saved_rng)
@@ -89,7 +97,8 @@ class StepRunner:
         self.t.fill_(t)
         self.t_prev.fill_(t_prev)
         if self.graph is not None:
-            self.graph.replay()
+            with self._on_device():
+                self.graph.replay()
         else:
             self.step()
 

@@ -37,6 +37,7 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
 DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 T = 1000
 
 
@@ -303,10 +304,11 @@ def timings(device: torch.device, small: bool = False) -> list[tuple[str, float,
 OPS = ("q_sample", "posterior_step", "ddim_step", "group_norm_silu", "attention")
 
 
-def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout, ops=None) -> int:
+def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout, ops=None, results=None) -> int:
     """The whole check on `device` (the comparisons of `ops` only, if given), printed to `out`;
-    returns the exit status (1 on a failure)."""
-    from ddpm_fast.kernels._common import interpreter_on
+    returns the exit status (1 on a failure). Each comparison is appended to `results` (a list)
+    as a dict, if given."""
+    from ddpm_fast.kernels._common import fix_old_interpreter, interpreter_on
 
     def say(line=""):
         print(line, file=out, flush=True)
@@ -320,20 +322,27 @@ def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout, ops=N
             "That checks their arithmetic, not their speed; run this on the GPU you will train on.")  # fmt: skip
         if not interpreter_on():
             raise RuntimeError("the CPU check needs TRITON_INTERPRET=1 before triton is imported")
+        fix_old_interpreter()
     say(f"\nFused against the eager twin in float64 ({'small shapes' if small else 'the U-Net shapes'}): max |error|")
     say(f"  {'op':<28} {'shape':<30} {'dtype':<9} {'fused':>10} {'eager':>10}  result")
     failures = 0
     for case in _cases(device, dtypes, small):
         if ops and not case.op.startswith(tuple(ops)):
             continue
+        row = dict(op=case.op, shape=case.shape, dtype=str(case.dtype)[6:], fused_error=float("nan"),
+                   eager_error=float("nan"))  # fmt: skip
         try:
             r = compare(case)
         except Exception as e:  # a kernel that fails to build or launch is a failed check, reported
             failures += 1
             say(f"  {case.op:<28} {case.shape:<30} {str(case.dtype)[6:]:<9} FAIL: {type(e).__name__}: {e}")
+            if results is not None:
+                results.append(dict(row, result=f"FAIL: {type(e).__name__}: {e}"[:300]))
             continue
         failures += not r.passed
         verdict = "ok" if r.passed else f"FAIL (worst: {r.worst})"
+        if results is not None:
+            results.append(dict(row, fused_error=r.fused_error, eager_error=r.eager_error, result=verdict))
         say(f"  {case.op:<28} {case.shape:<30} {str(case.dtype)[6:]:<9} {r.fused_error:>10.2e} "
             f"{r.eager_error:>10.2e}  {verdict}")  # fmt: skip
     if timing and device.type == "cuda":
@@ -355,6 +364,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--op", action="append", choices=OPS, dest="ops",
                    help="compare only this op (repeatable; default: all)")  # fmt: skip
     p.add_argument("--no-timing", action="store_true", help="compare only; skip the timings")
+    p.add_argument("--bench", metavar="DIR", default=None,
+                   help="also run the kernel tests (pytest -m on_device, from a checkout) and the key benchmark "
+                        "groups (each op eager/fused/torch.compile/SDPA, train step fp32 and bf16, DDIM step at batch "
+                        "1 and 64 with and without a CUDA graph); write DIR/check.json and DIR/check.md")  # fmt: skip
+    p.add_argument("--no-tests", action="store_true", help="with --bench: skip the kernel tests")
 
 
 def main(args) -> int:
@@ -374,8 +388,15 @@ def main(args) -> int:
         argv = [sys.executable, "-m", "ddpm_fast.selfcheck", "--device", args.device]
         argv += [a for d in args.dtypes or () for a in ("--dtype", d)]
         argv += [a for o in args.ops or () for a in ("--op", o)] + (["--no-timing"] if args.no_timing else [])
+        argv += (["--bench", args.bench] if args.bench else []) + (["--no-tests"] if args.no_tests else [])
         return subprocess.run(argv, env=env).returncode
     dtypes = [DTYPE_NAMES[d] for d in args.dtypes] if args.dtypes else list(TOLERANCES)
+    if args.bench:
+        from pathlib import Path
+
+        from ddpm_fast import checkbench
+
+        return checkbench.run(device, dtypes, Path(args.bench), tests=not args.no_tests, ops=args.ops)
     return run(device, dtypes, timing=not args.no_timing, ops=args.ops)
 
 

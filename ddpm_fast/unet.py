@@ -139,7 +139,9 @@ class AttnBlock(nn.Module):
         q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C) views
         out = kernels.attention(q, k, v, scale=C**-0.5)[:, 0]  # (B, HW, C)
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
-        return x + out.transpose(1, 2).unflatten(2, (H, W))  # NHWC strides: x's own when channels_last
+        # NHWC strides (x's own when channels_last); a view, as unflatten, which torch 2.11's Dynamo cannot
+        # trace inside a torch.device context
+        return x + out.transpose(1, 2).view(B, C, H, W)
 
 
 class Downsample(nn.Module):
@@ -275,7 +277,7 @@ class UNet(nn.Module):
         if t.shape != (x.shape[0],):
             raise ValueError(f"t must have shape ({x.shape[0]},), one timestep per sample, got {tuple(t.shape)}")
 
-        temb = self.temb(timestep_embedding(t, cfg.ch))  # (B, 4ch)
+        temb = self.temb(timestep_embedding(t, cfg.ch).to(self.temb[0].weight.dtype))  # (B, 4ch), the model's dtype
         hs = [self.conv_in(x)]
         for stage in self.down:
             for i, block in enumerate(stage.block):

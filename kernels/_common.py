@@ -9,6 +9,7 @@ The path switch (DESIGN.md): the environment variable DDPM_FAST_KERNELS, or
 """
 
 import contextlib
+import functools
 import os
 
 import torch
@@ -61,6 +62,34 @@ def interpreter_on() -> bool:
     return INTERPRET
 
 
+def fix_old_interpreter() -> None:
+    """Make Triton 3.6's interpreter run our kernels under NumPy >= 2.4 (call it where the
+    interpreter runs: the tests' conftest, `ddpm-fast check` on a CPU; never on import).
+
+    That interpreter holds each scalar kernel argument as a one-element 1-D numpy array and takes
+    int() of it where Python needs an index, as every `range(0, L, BLOCK)` loop bound does: NumPy
+    2.4 refuses int() of a 1-D array (earlier NumPy warned, which torch.library.opcheck turns into
+    an error). Triton 3.7 and later take int() of the squeezed array; this makes 3.6 do the same.
+    Compiled kernels never meet it: a GPU does not run the interpreter."""
+    import triton
+
+    major, minor = (int(v) for v in triton.__version__.split(".")[:2])
+    if (major, minor) >= (3, 7):
+        return
+    from triton.runtime import interpreter
+
+    patch = interpreter._patch_lang_tensor
+    if getattr(patch, "_ddpm_fast_fix", False):
+        return
+
+    def patched(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patched._ddpm_fast_fix = True
+    interpreter._patch_lang_tensor = patched
+
+
 def use_triton(device: torch.device) -> bool:
     """Whether an op on tensors of `device` launches its Triton kernel."""
     mode = get_kernel_mode()
@@ -71,6 +100,42 @@ def use_triton(device: torch.device) -> bool:
             raise RuntimeError(f"{_ENV}=triton but triton is not installed")
         return False
     return mode == "triton" or device.type == "cuda" or (device.type == "cpu" and interpreter_on())
+
+
+def tf32_matmul() -> bool:
+    """Whether torch lets float32 CUDA matmuls run in TF32, read as torch itself resolves it: the
+    `fp32_precision` API (torch.backends.cuda.matmul's, else torch.backends' own; "none" means
+    not set there), then the legacy flag torch.backends.cuda.matmul.allow_tf32, which raises
+    when read after a user set the new API (so it is read only where the new one is unset)."""
+    for owner in (torch.backends.cuda.matmul, torch.backends):
+        precision = getattr(owner, "fp32_precision", None)
+        if precision not in (None, "none"):
+            return precision == "tf32"
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except RuntimeError:  # the legacy and the new API both used: torch refuses to say
+        return False
+
+
+def launch_device(device: torch.device):
+    """A context in which Triton launches on `device`: Triton launches on the current CUDA device
+    (and its current stream), so a tensor on another GPU makes its device current first; nothing
+    to do where it already is current, or off CUDA."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def on_input_device(launcher):
+    """Decorates a launcher whose first argument is a tensor: its kernels launch on that tensor's
+    device (launch_device), whichever GPU is current."""
+
+    @functools.wraps(launcher)
+    def launch(x, *args, **kwargs):
+        with launch_device(x.device):
+            return launcher(x, *args, **kwargs)
+
+    return launch
 
 
 def row_order(x: torch.Tensor) -> list[int]:

@@ -21,7 +21,8 @@ Contract
   tiles (BLOCK_M 64-128, 2-4 stages) are autotuned on a GPU over a short list pruned by head
   dim and dtype, keyed on (L, d, d_v, the head-dim strides, dtype); the interpreter runs one
   fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply in IEEE
-  float32, or TF32 where torch.backends.cuda.matmul.allow_tf32 allows it for the eager matmul too.
+  float32, or TF32 where torch allows it for the eager matmul too (torch.backends.cuda.matmul.fp32_precision
+  or the legacy allow_tf32: _common.tf32_matmul).
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
@@ -47,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import interpreter_on, use_triton
+from ddpm_fast.kernels._common import interpreter_on, on_input_device, tf32_matmul, use_triton
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -332,12 +333,37 @@ def _configs(tables) -> list:
     return out
 
 
-def _pruner(tables):
+def _pruner(tables, kernel):
     def prune(configs, named_args, **kwargs):
         key = (_arch(), *_table_key(named_args["Q_ptr"].dtype, max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])))
-        return [c for c in configs if c.table == key]
+        return spill_free(kernel, [c for c in configs if c.table == key], named_args, kwargs)
 
     return prune
+
+
+def spill_free(kernel, configs, named_args, kwargs):
+    """The configs whose kernel, compiled for this GPU at this launch, spills no registers (all of
+    them where each spills): no spilling configuration is ever timed or picked, whichever Triton
+    compiles (a list clean under one Triton release can spill under another: 3.8 gave 4-16 B to
+    five float32 entries that 3.9 compiles clean). Each config is compiled here once per tuning
+    key (warmup: no launch), then reused from Triton's cache by the benchmark that follows. A
+    config that fails to compile is kept: the autotuner's benchmark already rules those out.
+    Without a GPU (the interpreter, ahead-of-time compilation) nothing is pruned."""
+    if interpreter_on() or not torch.cuda.is_available() or len(configs) < 2:
+        return configs
+    args = list(named_args.values())
+    meta = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
+    clean = []
+    for config in configs:
+        try:
+            compiled = kernel.warmup(*args, grid=(1,), **meta, **config.all_kwargs())
+            compiled._init_handles()  # loads the cubin: n_spills is the driver's count
+            spills = compiled.n_spills
+        except Exception:  # noqa: BLE001 (OutOfResources and the like: left to the autotuner's benchmark)
+            spills = 0
+        if not spills:
+            clean.append(config)
+    return clean or configs
 
 
 def _fixed(tables, dtype: torch.dtype, block_d: int) -> dict:
@@ -352,9 +378,8 @@ _attn_dq = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_
 
 
 def _autotuned(kernel, tables):
-    return triton.autotune(_configs(tables), key=_TUNING_KEY, prune_configs_by={"early_config_prune": _pruner(tables)})(
-        kernel
-    )
+    prune = {"early_config_prune": _pruner(tables, kernel)}
+    return triton.autotune(_configs(tables), key=_TUNING_KEY, prune_configs_by=prune)(kernel)
 
 
 _attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS)
@@ -377,7 +402,7 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     dot_f32 = dtype == torch.bfloat16 and interpreter_on()
-    tf32 = dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not interpreter_on()
+    tf32 = dtype == torch.float32 and not interpreter_on() and tf32_matmul()
     return dot_f32, "tf32" if tf32 else "ieee"
 
 
@@ -393,6 +418,7 @@ def _tile_friendly(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous()
 
 
+@on_input_device
 def attention_fwd(q, k, v, scale):
     q, k, v = map(_tile_friendly, (q, k, v))
     B, H, L, D = q.shape
@@ -410,6 +436,7 @@ def attention_fwd(q, k, v, scale):
     return o, lse
 
 
+@on_input_device
 def attention_bwd(do, q, k, v, o, lse, scale):
     do, q, k, v = map(_tile_friendly, (do, q, k, v))
     B, H, L, D = q.shape

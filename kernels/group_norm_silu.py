@@ -51,7 +51,7 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import use_triton
+from ddpm_fast.kernels._common import on_input_device, use_triton
 
 MAX_TILE_FWD = 16384  # values held in registers by the one-kernel forward
 MAX_TILE_BWD = 16384  # the backward keeps xhat and dh of the tile live between its passes
@@ -429,6 +429,7 @@ def _add_args(add, x3):
     return add, add.stride(0), add.stride(1)
 
 
+@on_input_device
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None):
     """y, mean, rstd. `split` overrides the plan (0: one kernel; k: statistics over k chunks)."""
     B, C = x.shape[:2]
@@ -470,6 +471,7 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None):
     return y, mean, rstd
 
 
+@on_input_device
 def group_norm_act_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, silu):
     """dx (x's layout), dweight and dbias (the parameters' dtypes), dadd (add's dtype, or an empty
     tensor without an add)."""

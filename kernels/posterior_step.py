@@ -47,7 +47,14 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import as_rows, elementwise_block, elementwise_out, interpreter_on, use_triton
+from ddpm_fast.kernels._common import (
+    as_rows,
+    elementwise_block,
+    elementwise_out,
+    interpreter_on,
+    on_input_device,
+    use_triton,
+)
 
 _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 
@@ -180,6 +187,7 @@ def _launch_args(x_t, model_output, noise, seed, order):
     return x2, o2, z2, seed, N, block, blocks_per_row, (B * blocks_per_row,), strides
 
 
+@on_input_device
 def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised):
     y, order = elementwise_out(x_t)
     if y.numel() == 0:
@@ -194,6 +202,7 @@ def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_ty
     return y
 
 
+@on_input_device
 def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type, clip_denoised,
                   use_clipped_model_output):  # fmt: skip
     y, order = elementwise_out(x_t)

@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import as_rows, elementwise_block, elementwise_out, use_triton
+from ddpm_fast.kernels._common import as_rows, elementwise_block, elementwise_out, on_input_device, use_triton
 from ddpm_fast.schedule import extract
 
 
@@ -77,6 +77,7 @@ def _grid(B: int, N: int, block: int) -> tuple[int, tuple[int]]:
     return blocks_per_row, (B * blocks_per_row,)
 
 
+@on_input_device
 def q_sample_fwd(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod) -> torch.Tensor:
     B = x0.shape[0]
     out, order = elementwise_out(x0)
@@ -95,6 +96,7 @@ def q_sample_fwd(x0, t, noise, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumpro
     return out
 
 
+@on_input_device
 def q_sample_bwd(grad, t, sqrt_alphas_cumprod, sqrt_one_minus_alphas_cumprod, x0_dtype, noise_dtype):
     """(d x0, d noise), both from one read of grad."""
     B = grad.shape[0]

@@ -36,6 +36,11 @@ if _device == "cuda":
 
 import pytest  # noqa: E402
 
+if _device == "cpu":
+    from ddpm_fast.kernels._common import fix_old_interpreter  # noqa: E402  (imports triton: after the switch)
+
+    fix_old_interpreter()  # Triton 3.6's interpreter under NumPy >= 2.4
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: every test of the module runs inside torch.device(DEVICE)")

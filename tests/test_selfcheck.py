@@ -80,3 +80,51 @@ def test_the_timing_code_runs_each_op_and_step_on_both_paths(monkeypatch):
         "q_sample fwd", "posterior_step", "group_norm_silu+add fwd+bwd", "attention fwd+bwd",
         "group_norm_silu+add fwd+bwd", "attention fwd+bwd", "train step", "sampling step"]  # fmt: skip
     assert all(eager == fused == 1.0 for _, eager, fused in rows) and len(calls) == 2 * len(rows)
+
+
+def test_bench_report_tables_and_the_tests_step(tmp_path, monkeypatch):
+    """`ddpm-fast check --bench DIR`'s markdown: each group's alternatives side by side and the fused
+    path's speed-up over eager and over the best other alternative (its CUDA graph when there is
+    one); the kernel-tests step says why it did not run outside a checkout."""
+    from ddpm_fast import checkbench
+
+    report = {
+        "versions": [("torch", torch.__version__)],
+        "device": "NVIDIA H200",
+        "comparisons": [
+            dict(
+                op="attention fwd+bwd",
+                shape="(16, 1, 256, 256)",
+                dtype="bfloat16",
+                fused_error=1e-3,
+                eager_error=2e-3,
+                result="ok",
+            )
+        ],  # fmt: skip
+        "comparisons_failed": 0,
+        "tests": {
+            "status": "passed",
+            "tests": 300,
+            "failures": 0,
+            "errors": 0,
+            "skipped": 1,
+            "seconds": 90.0,
+            "failed": [],
+            "subset": None,
+        },  # fmt: skip
+        "benchmarks": [
+            dict(group="attn", alternative="eager", ms=4.0),
+            dict(group="attn", alternative="fused", ms=1.0),
+            dict(group="attn", alternative="sdpa", ms=2.0),
+            dict(group="step", alternative="eager", ms=10.0),
+            dict(group="step", alternative="fused", ms=8.0),
+            dict(group="step", alternative="fused+cuda-graph", ms=2.0),
+            dict(group="step", alternative="eager+cuda-graph", ms=5.0),
+        ],  # fmt: skip
+    }
+    text = checkbench.markdown(report)
+    assert "| attn | 4.000 | 1.000 |  | 2.000 |  |  | 4.00x | 2.00x |" in text
+    assert "| step | 10.000 | 8.000 |  |  | 5.000 | 2.000 | 5.00x | 2.50x |" in text
+    assert "passed: 300 tests, 0 failures, 0 errors, 1 skipped, 90.0 s" in text
+    monkeypatch.setattr(checkbench, "_checkout_tests", lambda: None)
+    assert checkbench.run_tests(torch.device("cpu"), tmp_path)["status"] == "not run"
