@@ -179,8 +179,21 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
     return rows
 
 
+# A kernel that is not autotuned may keep this many bytes of stack: the ptxas of some supported
+# Triton releases spills one or two registers (4-8 B) in a few GroupNorm tiles that another
+# compiles clean (3.6 on sm_80: the split-statistics kernel at 80 registers; 3.8 on sm_90: one
+# float16 forward). Such a kernel is listed as a minor spill, not a problem; anything larger is.
+MINOR_SPILL_B = 8
+
+
 def spills(k: dict) -> bool:
     return bool(k.get("stack") or k.get("local"))
+
+
+def minor_spills(kernels: list[dict]) -> list[dict]:
+    """Kernels that are not autotuned and spill at most MINOR_SPILL_B bytes (reported, tolerated)."""
+    return [k for k in kernels if not k.get("tuned") and "error" not in k and "raw" not in k and spills(k)
+            and k["stack"] + k["local"] <= MINOR_SPILL_B]  # fmt: skip
 
 
 def pruned(kernels: list[dict]) -> list[dict]:
@@ -202,7 +215,8 @@ def problems(kernels: list[dict]) -> list[str]:
         if "raw" in k:
             out.append(f"{k['name']}: cuobjdump gave no resource line")
             continue
-        if spills(k) and (not k.get("tuned") or (k["tuned"], k["cap"]) not in clean_launches):
+        minor = not k.get("tuned") and k.get("stack", 0) + k.get("local", 0) <= MINOR_SPILL_B
+        if spills(k) and not minor and (not k.get("tuned") or (k["tuned"], k["cap"]) not in clean_launches):
             why = "every configuration of this autotuned launch spills" if k.get("tuned") else "spills"
             out.append(
                 f"{k['name']} sm_{k['cap']} {k.get('config')}: {why} (stack {k['stack']} B, local {k['local']} B)"
@@ -609,12 +623,15 @@ def main(argv=None) -> int:
 
     versions = {"torch": __import__("torch").__version__, "triton": triton.__version__}
     if args.json:
-        print(json.dumps({"kernels": rows, "problems": found, "pruned": len(pruned(rows)), "versions": versions,
-                          "test_outcomes": TEST_OUTCOMES}, default=str))  # fmt: skip
+        minor = [f"{k['name']} sm_{k['cap']} {k['config']} ({k['stack'] + k['local']} B)" for k in minor_spills(rows)]
+        print(json.dumps({"kernels": rows, "problems": found, "pruned": len(pruned(rows)), "minor_spills": minor,
+                          "versions": versions, "test_outcomes": TEST_OUTCOMES}, default=str))  # fmt: skip
     elif args.summary:
         print(f"torch {versions['torch']}, triton {versions['triton']}")
         print(summary(rows))
         print(f"pruned at run time (spilling autotune configurations): {len(pruned(rows))}")
+        minor = sorted({f"{k['name']} sm_{k['cap']} {k['config']}" for k in minor_spills(rows)})
+        print(f"minor spills (<= {MINOR_SPILL_B} B, not autotuned): " + ("; ".join(minor) or "none"))
         print("problems:", "; ".join(found) if found else "none")
     else:
         print(f"{'scenario':<16}{'dtype':<9}{'kernel':<32}{'sm':>4}{'warps':>6}{'stg':>4}{'regs':>6}{'spill B':>9}"
