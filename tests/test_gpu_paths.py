@@ -72,10 +72,8 @@ def test_half_precision_models_sample_and_train(cls, dtype):
 
 @pytest.fixture
 def precision_flags():
-    """Puts torch's float32 matmul precision back as it was (new API where torch has it)."""
+    """Puts torch's float32 matmul precision back as it was (every supported torch, 2.11 on, has the new API)."""
     matmul = torch.backends.cuda.matmul
-    if not hasattr(matmul, "fp32_precision"):
-        pytest.skip(f"torch {torch.__version__} has no fp32_precision API")
     saved = (torch.backends.fp32_precision, matmul.fp32_precision)
     yield matmul
     torch.backends.fp32_precision, matmul.fp32_precision = saved
