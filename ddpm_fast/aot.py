@@ -190,16 +190,20 @@ def spills(k: dict) -> bool:
     return bool(k.get("stack") or k.get("local"))
 
 
+def _compiled_and_spills(k: dict) -> bool:
+    return "error" not in k and "raw" not in k and spills(k)
+
+
 def minor_spills(kernels: list[dict]) -> list[dict]:
     """Kernels that are not autotuned and spill at most MINOR_SPILL_B bytes (reported, tolerated)."""
-    return [k for k in kernels if not k.get("tuned") and "error" not in k and "raw" not in k and spills(k)
+    return [k for k in kernels if not k.get("tuned") and _compiled_and_spills(k)
             and k["stack"] + k["local"] <= MINOR_SPILL_B]  # fmt: skip
 
 
 def pruned(kernels: list[dict]) -> list[dict]:
     """The autotuner's configurations that spill: kernels.attention.spill_free drops them on the
     GPU before timing (as long as one of the launch's configurations is clean), so they never run."""
-    return [k for k in kernels if k.get("tuned") and "error" not in k and "raw" not in k and spills(k)]
+    return [k for k in kernels if k.get("tuned") and _compiled_and_spills(k)]
 
 
 def problems(kernels: list[dict]) -> list[str]:
@@ -208,6 +212,7 @@ def problems(kernels: list[dict]) -> list[str]:
     much shared memory, a launch that does not compile."""
     out = []
     clean_launches = {(k["tuned"], k["cap"]) for k in kernels if k.get("tuned") and "error" not in k and not spills(k)}
+    minor = {id(k) for k in minor_spills(kernels)}
     for k in kernels:
         if "error" in k:
             out.append(f"{k['name']} sm_{k['cap']} {k['config']}: does not compile ({k['error']})")
@@ -215,8 +220,7 @@ def problems(kernels: list[dict]) -> list[str]:
         if "raw" in k:
             out.append(f"{k['name']}: cuobjdump gave no resource line")
             continue
-        minor = not k.get("tuned") and k.get("stack", 0) + k.get("local", 0) <= MINOR_SPILL_B
-        if spills(k) and not minor and (not k.get("tuned") or (k["tuned"], k["cap"]) not in clean_launches):
+        if spills(k) and id(k) not in minor and (not k.get("tuned") or (k["tuned"], k["cap"]) not in clean_launches):
             why = "every configuration of this autotuned launch spills" if k.get("tuned") else "spills"
             out.append(
                 f"{k['name']} sm_{k['cap']} {k.get('config')}: {why} (stack {k['stack']} B, local {k['local']} B)"
@@ -619,9 +623,10 @@ def main(argv=None) -> int:
     if TESTS in scenarios:
         print(f"tests scenario: pytest outcomes {TEST_OUTCOMES} (launches recorded; verdicts meaningless here)",
               file=sys.stderr)  # fmt: skip
+    import torch
     import triton
 
-    versions = {"torch": __import__("torch").__version__, "triton": triton.__version__}
+    versions = {"torch": torch.__version__, "triton": triton.__version__}
     if args.json:
         minor = [f"{k['name']} sm_{k['cap']} {k['config']} ({k['stack'] + k['local']} B)" for k in minor_spills(rows)]
         print(json.dumps({"kernels": rows, "problems": found, "pruned": len(pruned(rows)), "minor_spills": minor,
