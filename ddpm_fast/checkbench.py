@@ -250,9 +250,8 @@ def run(device: torch.device, dtypes, out_dir: Path, tests: bool = True, ops=Non
         "comparisons_failed": sum(r["result"] != "ok" for r in results),
         "tests": test_report,
         "benchmarks": bench,
-        "seconds": None,
+        "seconds": round(time.perf_counter() - start, 1),
     }
-    report["seconds"] = round(time.perf_counter() - start, 1)
     (out_dir / "check.json").write_text(json.dumps(report, indent=1, default=str))
     (out_dir / "check.md").write_text(markdown(report))
     print(f"\nWrote {out_dir / 'check.json'} and {out_dir / 'check.md'} ({report['seconds']} s)")
