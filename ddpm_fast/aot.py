@@ -413,14 +413,17 @@ UNET_GROUP_NORMS = [(128, 32), (128, 16), (256, 32), (256, 16), (256, 8), (256, 
 
 def _launch_group_norm_silu(dtype):
     """What the model scenarios do not launch: a strided (column-slice) add, the largest and the
-    smallest U-Net groups at batch 128 (one kernel per group block) and 1 (split groups), NCHW and
-    channels_last, with and without the add and the activation."""
+    smallest U-Net groups at batch 128 and 1 (one kernel per group block), and the split path
+    (statistics, then the apply) that the U-Net never takes: groups too big for one tile (128
+    channels of 128x128) and batch-1 groups too big for one SM (256x256); NCHW and channels_last,
+    with and without the add and the activation."""
     import torch
 
     from ddpm_fast import kernels
 
-    for channels, size in ((384, 32), (256, 32), (512, 4)):
-        for batch in (128, 1):
+    cases = ((384, 32, (128, 1)), (256, 32, (128, 1)), (512, 4, (128, 1)), (128, 128, (2,)), (128, 256, (1,)))
+    for channels, size, batches in cases:
+        for batch in batches:
             for memory_format in (torch.contiguous_format, torch.channels_last):
                 x = torch.empty(batch, channels, size, size, dtype=dtype, memory_format=memory_format)
                 x.requires_grad_()

@@ -61,6 +61,35 @@ def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+class ConcatCache:
+    """torch.cat(tensors) of parameters, kept while none of them changes: a cat in eval costs a
+    launch per call for nothing. Recomputed whenever a gradient may flow (training), under
+    torch.compile (it sees the cat), during CUDA-graph capture (the graph then recomputes it at
+    every replay, so weights updated in place between replays are read fresh), and after any
+    in-place change (version), move or cast (storage, dtype, device) of any of them."""
+
+    def __init__(self):
+        self.key, self.value = None, None
+
+    def __call__(self, tensors) -> torch.Tensor:
+        if (
+            (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            or torch.compiler.is_compiling()
+            or (tensors[0].is_cuda and torch.cuda.is_current_stream_capturing())
+        ):
+            return torch.cat(tensors)
+        key = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+        if key != self.key:
+            self.key, self.value = key, torch.cat(tensors)
+        return self.value
+
+    def __deepcopy__(self, memo):  # an EMA copy computes its own
+        return ConcatCache()
+
+    def __getstate__(self):  # nothing cached travels with a pickled module
+        return {"key": None, "value": None}
+
+
 class GroupNormSiLU(nn.Module):
     """silu(GroupNorm(x [+ add])) with torch.nn.GroupNorm's arguments and state_dict."""
 
@@ -91,10 +120,12 @@ class ResnetBlock(nn.Module):
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.nin_shortcut = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else None
 
-    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, temb: torch.Tensor, temb_add: torch.Tensor | None = None) -> torch.Tensor:
+        """temb_add: this block's temb_proj(silu(temb)) where the caller computed it (the fused
+        U-Net does so for every block in one GEMM)."""
         h = self.conv1(self.norm1(x))  # (B, out_ch, H, W)
         # The time embedding is added before norm2: fused into the GroupNorm when fused.
-        h = self.norm2(h, add=self.temb_proj(F.silu(temb)))
+        h = self.norm2(h, add=temb_add if temb_add is not None else self.temb_proj(F.silu(temb)))
         h = self.conv2(self.dropout(h))
         return h + (x if self.nin_shortcut is None else self.nin_shortcut(x))
 
@@ -110,6 +141,7 @@ class AttnBlock(nn.Module):
         self.v = nn.Conv2d(channels, channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
         self.fused = False
+        self._qkv_weight, self._qkv_bias = ConcatCache(), ConcatCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:
@@ -134,9 +166,13 @@ class AttnBlock(nn.Module):
         B, C, H, W = x.shape
         h = kernels.group_norm(x, self.norm.num_groups, self.norm.weight, self.norm.bias, self.norm.eps)
         tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C): a view, contiguous when x is channels_last
-        weight = torch.cat([self.q.weight, self.k.weight, self.v.weight]).flatten(1)  # (3C, C)
-        bias = torch.cat([self.q.bias, self.k.bias, self.v.bias])
-        q, k, v = F.linear(tokens, weight, bias).unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C) views
+        weight = self._qkv_weight((self.q.weight, self.k.weight, self.v.weight)).flatten(1)  # (3C, C)
+        bias = self._qkv_bias((self.q.bias, self.k.bias, self.v.bias))
+        if B == 1 or tokens.is_contiguous():  # (B HW, C) is a view: one addmm, the bias folded in
+            qkv = F.linear(tokens.reshape(B * H * W, C), weight, bias).view(B, H * W, 3 * C)
+        else:  # a strided batch of token maps: bmm then the bias
+            qkv = F.linear(tokens, weight, bias)
+        q, k, v = qkv.unsqueeze(1).chunk(3, dim=-1)  # (B, 1, HW, C) views
         out = kernels.attention(q, k, v, scale=C**-0.5)[:, 0]  # (B, HW, C)
         out = F.linear(out, self.proj_out.weight.flatten(1), self.proj_out.bias)
         # NHWC strides (x's own when channels_last); a view, as unflatten, which torch 2.11's Dynamo cannot
@@ -224,6 +260,8 @@ class UNet(nn.Module):
         self.norm_out = GroupNormSiLU(groups, block_in, eps)
         self.conv_out = nn.Conv2d(block_in, cfg.out_channels or cfg.in_channels, 3, padding=1)
         self._init_weights()
+        self.fused = False  # the time-embedding projections of all blocks as one GEMM (set_fused)
+        self._temb_weight, self._temb_bias = ConcatCache(), ConcatCache()
 
     @property
     def downsample_factor(self) -> int:
@@ -263,7 +301,25 @@ class UNet(nn.Module):
         for mod in self.modules():
             if isinstance(mod, (GroupNormSiLU, AttnBlock)):
                 mod.fused = bool(fused)
+        self.fused = bool(fused)
         return self
+
+    def _res_blocks(self) -> list[ResnetBlock]:
+        """Every ResnetBlock, in the order forward runs them."""
+        down = [block for stage in self.down for block in stage.block]
+        up = [block for stage in reversed(self.up) for block in stage.block]
+        return [*down, self.mid.block_1, self.mid.block_2, *up]
+
+    def _temb_adds(self, temb: torch.Tensor) -> dict:
+        """{block: its temb_proj(silu(temb))}, from one SiLU and one GEMM over the blocks'
+        projections side by side (their weights stay per block in the state_dict; concatenated
+        once per call while training, cached in eval): 2 launches instead of 2 per block. Each
+        block's slice is a strided (B, C) view, which the fused GroupNorm reads in place."""
+        blocks = self._res_blocks()
+        weight = self._temb_weight([b.temb_proj.weight for b in blocks])  # (sum C, temb_ch)
+        bias = self._temb_bias([b.temb_proj.bias for b in blocks])
+        out = F.linear(F.silu(temb), weight, bias)  # (B, sum C)
+        return dict(zip(blocks, out.split([b.temb_proj.out_features for b in blocks], dim=1)))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         cfg = self.config
@@ -278,21 +334,23 @@ class UNet(nn.Module):
             raise ValueError(f"t must have shape ({x.shape[0]},), one timestep per sample, got {tuple(t.shape)}")
 
         temb = self.temb(timestep_embedding(t, cfg.ch).to(self.temb[0].weight.dtype))  # (B, 4ch), the model's dtype
+        adds = self._temb_adds(temb) if self.fused else {}
         hs = [self.conv_in(x)]
         for stage in self.down:
             for i, block in enumerate(stage.block):
-                h = block(hs[-1], temb)
+                h = block(hs[-1], temb, adds.get(block))
                 if len(stage.attn):
                     h = stage.attn[i](h)
                 hs.append(h)
             if hasattr(stage, "downsample"):
                 hs.append(stage.downsample(hs[-1]))
 
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(hs[-1], temb)), temb)
+        mid = self.mid
+        h = mid.block_2(mid.attn_1(mid.block_1(hs[-1], temb, adds.get(mid.block_1))), temb, adds.get(mid.block_2))
 
         for stage in reversed(self.up):
             for i, block in enumerate(stage.block):
-                h = block(torch.cat([h, hs.pop()], dim=1), temb)
+                h = block(torch.cat([h, hs.pop()], dim=1), temb, adds.get(block))
                 if len(stage.attn):
                     h = stage.attn[i](h)
             if hasattr(stage, "upsample"):

@@ -26,7 +26,10 @@ except ImportError:  # pragma: no cover
 
 
 def get_kernel_mode() -> str:
-    mode = os.environ.get(_ENV, "auto").strip().lower() or "auto"
+    mode = os.environ.get(_ENV)
+    if mode is None or mode in KERNEL_MODES:  # read on every call (a user may set it any time): keep it cheap
+        return mode or "auto"
+    mode = mode.strip().lower() or "auto"
     if mode not in KERNEL_MODES:
         raise ValueError(f"{_ENV} must be one of {KERNEL_MODES}, got {mode!r}")
     return mode
@@ -106,15 +109,30 @@ def tf32_matmul() -> bool:
     """Whether torch lets float32 CUDA matmuls run in TF32, read as torch itself resolves it: the
     `fp32_precision` API (torch.backends.cuda.matmul's, else torch.backends' own; "none" means
     not set there), then the legacy flag torch.backends.cuda.matmul.allow_tf32, which raises
-    when read after a user set the new API (so it is read only where the new one is unset)."""
-    for owner in (torch.backends.cuda.matmul, torch.backends):
-        precision = getattr(owner, "fp32_precision", None)
+    when read after a user set the new API (so it is read only where the new one is unset).
+    Read per call (a user may change it at any time) straight from torch._C, where the Python
+    properties cost ~2 small ATen ops each."""
+    for owner in _FP32_PRECISION:
+        precision = owner()
         if precision not in (None, "none"):
             return precision == "tf32"
     try:
-        return bool(torch.backends.cuda.matmul.allow_tf32)
+        return bool(_LEGACY_TF32())
     except RuntimeError:  # the legacy and the new API both used: torch refuses to say
         return False
+
+
+def _fp32_precision_getters() -> tuple:
+    """The readers of torch.backends.cuda.matmul.fp32_precision and torch.backends.fp32_precision."""
+    getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+    if getter is not None:
+        return (lambda: getter("cuda", "matmul")), (lambda: getter("generic", "all"))
+    owners = (torch.backends.cuda.matmul, torch.backends)
+    return tuple((lambda o=owner: getattr(o, "fp32_precision", None)) for owner in owners)
+
+
+_FP32_PRECISION = _fp32_precision_getters()
+_LEGACY_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
 def launch_device(device: torch.device):
@@ -123,7 +141,10 @@ def launch_device(device: torch.device):
     to do where it already is current, or off CUDA."""
     if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
         return torch.cuda.device(device)
-    return contextlib.nullcontext()
+    return _NO_SWITCH
+
+
+_NO_SWITCH = contextlib.nullcontext()  # reentrant and stateless: one serves every launch
 
 
 def on_input_device(launcher):
@@ -136,6 +157,70 @@ def on_input_device(launcher):
             return launcher(x, *args, **kwargs)
 
     return launch
+
+
+# -- the host path: what a call costs before its kernel launches ------------------------------------
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def direct_call(*tensors) -> bool:
+    """Whether a fused op may call its launcher itself instead of going through its torch.library
+    custom op, whose dispatch alone costs ~6 small ATen ops on the host: in plain eager execution,
+    with no gradient wanted from the call. Where torch.compile traces, a dispatch mode is active
+    (FakeTensorMode, ddpm_fast.aot's recorder), a functorch transform runs, a tensor is a
+    subclass, or autograd needs the op's formula, the custom op runs: the same launcher either way."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    grad = torch.is_grad_enabled()
+    for t in tensors:
+        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
+            return False
+    return True
+
+
+def meta_key(x: torch.Tensor | None) -> tuple | None:
+    """What a launch plan may depend on of a tensor: shape, strides, dtype, device."""
+    return None if x is None else (x.shape, x.stride(), x.dtype, x.device)
+
+
+class Plans:
+    """Per-call work that depends only on the arguments' metadata (and the op's options): the
+    checks of that metadata, the grid, block sizes, warps, the strides passed to the kernel and
+    the output's layout, computed once per key and then looked up. A key holds every value the
+    plan reads, so a hit is exactly what a fresh computation would give; the dict is cleared when
+    it reaches MAX entries (a process cycling through more shapes than that recomputes)."""
+
+    MAX = 1024
+
+    def __init__(self):
+        self._plans: dict = {}
+
+    def get(self, key, build):
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self.MAX:
+                self._plans.clear()
+            plan = self._plans[key] = build()
+        return plan
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+def cdiv(a: int, b: int) -> int:
+    """triton.cdiv in plain Python (the helper costs a call through triton's constexpr unwrapping)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """triton.next_power_of_2 in plain Python (0 for 0, as triton gives)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
 
 
 def row_order(x: torch.Tensor) -> list[int]:
@@ -182,6 +267,4 @@ def elementwise_out(x: torch.Tensor, dtype: torch.dtype | None = None) -> tuple[
 
 def elementwise_block(n: int) -> int:
     """Block size for an elementwise kernel over rows of n elements."""
-    import triton
-
-    return max(16, min(1024, triton.next_power_of_2(n)))
+    return max(16, min(1024, next_power_of_2(n)))

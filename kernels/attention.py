@@ -20,9 +20,10 @@ Contract
 - float16 / bfloat16 run on tensor cores (mma on sm_80, wgmma on sm_90 where Triton emits it);
   tiles (BLOCK_M 64-128, 2-4 stages) are autotuned on a GPU over a short list pruned by head
   dim and dtype, keyed on (L, d, d_v, the head-dim strides, dtype); the interpreter runs one
-  fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply in IEEE
-  float32, or TF32 where torch allows it for the eager matmul too (torch.backends.cuda.matmul.fp32_precision
-  or the legacy allow_tf32: _common.tf32_matmul).
+  fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply on tensor
+  cores: in TF32 where torch allows it for the eager matmul too (torch.backends.cuda.matmul.fp32_precision
+  or the legacy allow_tf32: _common.tf32_matmul), else as 3xTF32 (float32-level error) up to head
+  dim 128; above that (where 3xTF32's tiles spill registers) in IEEE float32 on the FMA units.
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
@@ -48,7 +49,16 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import interpreter_on, on_input_device, tf32_matmul, use_triton
+from ddpm_fast.kernels._common import (
+    Plans,
+    cdiv,
+    direct_call,
+    interpreter_on,
+    meta_key,
+    on_input_device,
+    tf32_matmul,
+    use_triton,
+)
 
 MAX_HEAD_DIM = 256
 LOG2E = 1.4426950408889634
@@ -235,9 +245,10 @@ def _attn_bwd_dq_kernel(
 
 # -- configurations: a short list per (dtype class, head dim, GPU generation), autotuned on a GPU ------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). "half" runs on tensor cores; "float32" multiplies
-# in IEEE float32 on the FMA units (or TF32 on tensor cores where allowed), holding its tiles in
-# registers: smaller tiles. The list for a head dim (padded to a power of two, at least 64) holds
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). "half" runs on tensor cores; "float32" as 3xTF32,
+# TF32 or IEEE (see _precision), holding bigger tiles in registers: smaller tiles, and entries
+# that only one precision compiles clean (spill_free keeps, per launch, those clean at its own).
+# The list for a head dim (padded to a power of two, at least 64) holds
 # every configuration the autotuner may pick on that GPU generation: sm80 (A100, and any GPU
 # before Hopper) and sm90 (H100, and newer), which allocate registers differently (a tile that
 # fits one spills on the other). Under Triton 3.9 each compiles without spills and within shared
@@ -273,7 +284,7 @@ DKDV_CONFIGS = {
         ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
         ("half", 256): [(64, 32, 8, 1), (32, 64, 8, 1)],
         ("float32", 64): [(16, 32, 4, 1), (16, 16, 4, 1)],
-        ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1)],
+        ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 8, 1)],  # the last: 3xTF32's
         ("float32", 256): [(16, 16, 8, 1)],
     },
     "sm90": {
@@ -281,17 +292,18 @@ DKDV_CONFIGS = {
         ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
         ("half", 256): [(32, 64, 8, 1)],
         ("float32", 64): [(32, 32, 8, 1), (16, 32, 4, 1)],
-        ("float32", 128): [(16, 16, 4, 1)],
+        ("float32", 128): [(16, 16, 4, 1), (16, 16, 8, 1)],  # the last: 3xTF32's
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
 }
+TF32X3_DQ_128 = [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)]  # sm_80's d = 128 for 3xTF32
 DQ_CONFIGS = {
     "sm80": {
         ("half", 64): [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
         ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
         ("half", 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 4, 1)],
-        ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1)],
+        ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1), *TF32X3_DQ_128],
         ("float32", 256): [(16, 16, 4, 1)],
     },
     "sm90": {
@@ -299,7 +311,7 @@ DQ_CONFIGS = {
         ("half", 128): [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
         ("half", 256): [(64, 32, 8, 2), (64, 16, 8, 2)],
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 8, 1)],
-        ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1)],
+        ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)],  # 3xTF32's: the last two
         ("float32", 256): [(16, 32, 8, 2), (16, 16, 4, 2)],
     },
 }
@@ -380,8 +392,14 @@ _attn_dq = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_
 
 
 def _autotuned(kernel, tables):
+    """The kernel autotuned over its tables, keyed on what changes the best tile (_TUNING_KEY: the
+    token count, head dims and head-dim strides; Triton adds the dtypes) and not on the batch or
+    the number of heads (the grid), so a new batch size reuses the choice. The choice is cached
+    on disk (Triton's cache_results, in its cache dir, keyed on the kernel source, the GPU, the
+    Triton version and the configurations left after spill_free): a second process, or a second
+    run of `ddpm-fast sample`, tunes nothing."""
     prune = {"early_config_prune": _pruner(tables, kernel)}
-    return triton.autotune(_configs(tables), key=_TUNING_KEY, prune_configs_by=prune)(kernel)
+    return triton.autotune(_configs(tables), key=_TUNING_KEY, prune_configs_by=prune, cache_results=True)(kernel)
 
 
 _attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS)
@@ -402,10 +420,32 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
 # -- launchers ----------------------------------------------------------------------------------------
 
 
-def _precision(dtype: torch.dtype) -> tuple[bool, str]:
-    dot_f32 = dtype == torch.bfloat16 and interpreter_on()
-    tf32 = dtype == torch.float32 and not interpreter_on() and tf32_matmul()
-    return dot_f32, "tf32" if tf32 else "ieee"
+# 3xTF32 needs the high and low TF32 parts of each operand tile live at once: about twice the
+# registers of one float32 tile. Searched under Triton 3.8 by compiling for sm_80 and sm_90 (tiles
+# of 16-64 by 16-64, 4-16 warps, 1-2 stages) at 256 and 49 tokens: every kernel has spill-free
+# 3xTF32 tiles up to head dim 128 (the tables' entries marked so); at 256 (the paper's U-Net) every
+# tile spills, 0.1-17 KB per thread. There the float32 dots stay IEEE (FMA), or TF32 where allowed.
+TF32X3_MAX_HEAD_DIM = {"fwd": 128, "bwd": 128}
+
+
+def _precision(dtype: torch.dtype, block_d: int, kernel: str) -> tuple[bool, str]:
+    """(DOT_F32, PRECISION) for `kernel` ("fwd" or "bwd") at padded head dim `block_d`. float32
+    runs on tensor cores where it can: "tf32" where torch lets its own float32 matmuls use TF32
+    (_common.tf32_matmul), else "tf32x3" up to TF32X3_MAX_HEAD_DIM (each operand split into a
+    TF32 high part and a TF32 remainder, three MMAs: a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi,
+    float32-level error, where IEEE FMA dots run at a fraction of cuBLAS), else "ieee". The
+    interpreter computes every dot in IEEE float32 whatever the precision (numpy), so its tests
+    check the rest of the kernel; 3xTF32's arithmetic itself is checked on a CPU by an eager
+    emulation (tests/test_attention.py) and on a GPU by `ddpm-fast check`."""
+    if dtype != torch.float32:
+        return dtype == torch.bfloat16 and interpreter_on(), "ieee"  # half dots: precision unused
+    if not interpreter_on() and tf32_matmul():
+        return False, "tf32"
+    return False, "tf32x3" if block_d <= TF32X3_MAX_HEAD_DIM[kernel] else "ieee"
+
+
+def _reads_well(x: torch.Tensor) -> bool:
+    return x.stride(-1) == 1 or all(s % 16 == 0 for s, n in zip(x.stride(), x.shape) if n > 1 and s != 1)
 
 
 def _tile_friendly(x: torch.Tensor) -> torch.Tensor:
@@ -415,26 +455,57 @@ def _tile_friendly(x: torch.Tensor) -> torch.Tensor:
     L % 16 != 0 (a 7x7 map) is loaded element by element, and its tiles then spill registers
     (up to 1.1 KB per thread at d = 256 on sm_90, found by compiling what the tests launch);
     the copy costs one pass over x, against the L^2 d of attention itself."""
-    if x.stride(-1) == 1 or all(s % 16 == 0 for s, n in zip(x.stride(), x.shape) if n > 1 and s != 1):
-        return x
-    return x.contiguous()
+    return x if _reads_well(x) else x.contiguous()
+
+
+class _FwdPlan:
+    """One forward launch's host work, from q, k, v's metadata (see _common.Plans)."""
+
+    def __init__(self, q, k, v):
+        B, H, L, D = q.shape
+        DV = v.shape[-1]
+        self.copy = tuple(not _reads_well(x) for x in (q, k, v))  # _tile_friendly's choice
+        strides = [x.stride() if not c else x.contiguous().stride() for x, c in zip((q, k, v), self.copy)]
+        self.o_size, self.lse_size = (B, H, L, DV), (B, H, L)
+        self.empty = B * H * L * DV == 0
+        self.ints = (*strides[0], *strides[1], *strides[2], H, L, D, DV)
+        self.block_d, self.block_dv = _block_d(D), _block_d(DV)
+        self.programs, self.L = B * H, L
+        self.dtype, self.fixed = q.dtype, None  # the interpreter's one tile, looked up at its first launch
+        programs = self.programs
+        self.grid = lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]),)
+        self.metas = {}  # precision -> the launch's constexprs
+
+
+_FWD_PLANS = Plans()
 
 
 @on_input_device
-def attention_fwd(q, k, v, scale):
-    q, k, v = map(_tile_friendly, (q, k, v))
-    B, H, L, D = q.shape
-    DV = v.shape[-1]
-    o = torch.empty(B, H, L, DV, dtype=q.dtype, device=q.device)
-    lse = torch.empty(B, H, L, dtype=torch.float32, device=q.device)
-    if o.numel() == 0:
+def attention_fwd(q, k, v, scale, plan=None, lse=None):
+    """(o, lse); `plan`: the call's _FwdPlan where the caller has it; `lse`: a buffer to write the
+    log-sum-exp to (a caller that runs no backward passes scratch it keeps)."""
+    if plan is None:
+        plan = _FWD_PLANS.get((meta_key(q), meta_key(k), meta_key(v)), lambda: _FwdPlan(q, k, v))
+    if any(plan.copy):
+        q, k, v = (x.contiguous() if c else x for x, c in zip((q, k, v), plan.copy))
+    o = q.new_empty(plan.o_size)  # (new_empty: half the host time of torch.empty(..., dtype, device))
+    if lse is None:
+        lse = q.new_empty(plan.lse_size, dtype=torch.float32)
+    if plan.empty:
         return o, lse
-    dot_f32, precision = _precision(q.dtype)
-    block_d, block_dv = _block_d(D), _block_d(DV)
-    args = (q, k, v, o, lse, *q.stride(), *k.stride(), *v.stride(), H, L, D, DV, scale * LOG2E)
-    meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
-    _launch(_attn_fwd, _attn_fwd_tuned, FWD_CONFIGS, q.dtype, max(block_d, block_dv),
-            lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_M"]), args, meta)  # fmt: skip
+    precision = _precision(q.dtype, max(plan.block_d, plan.block_dv), "fwd")
+    meta = plan.metas.get(precision)
+    if meta is None:
+        dot_f32, prec = precision
+        meta = plan.metas[precision] = dict(BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, DOT_F32=dot_f32,
+                                            PRECISION=prec)  # fmt: skip
+    if interpreter_on():
+        if plan.fixed is None:
+            plan.fixed = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv))
+        cfg = plan.fixed
+        _attn_fwd[plan.grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta, **cfg)
+    else:
+        _attn_fwd_tuned[plan.grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta)
     return o, lse
 
 
@@ -453,7 +524,7 @@ def attention_bwd(do, q, k, v, o, lse, scale):
     _attn_bwd_preprocess_kernel[(B * H * triton.cdiv(L, 64),)](
         o, do, delta, *do.stride(), H, L, DV, BLOCK_M=64, BLOCK_DV=block_dv, num_warps=4,
     )  # fmt: skip
-    dot_f32, precision = _precision(q.dtype)
+    dot_f32, precision = _precision(q.dtype, max(block_d, block_dv), "bwd")
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, L, D, DV, scale * LOG2E, scale)
     meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
     bd = max(block_d, block_dv)
@@ -517,14 +588,31 @@ attention_op.register_autograd(_backward, setup_context=_setup_context)
 # -- the functional entry point -----------------------------------------------------------------------
 
 
+class _Call:
+    """A public call's checked arguments: its forward plan and scratch for the log-sum-exp of
+    calls that no backward will read."""
+
+    def __init__(self, q, k, v, scale):
+        checks.check_attention(q, k, v)
+        for name, x in (("q", q), ("v", v)):
+            if not 1 <= x.shape[-1] <= MAX_HEAD_DIM:
+                raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[-1]}")
+        if scale is None:
+            scale = q.shape[-1] ** -0.5
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+            raise TypeError(f"scale must be a finite number, got {scale!r}")
+        self.scale = float(scale)
+        self.plan = _FwdPlan(q, k, v)
+        self.lse = torch.empty(self.plan.lse_size, dtype=torch.float32, device=q.device)
+
+
+_CALLS = Plans()
+
+
 def attention(q, k, v, scale=None):
     """Fused twin of ddpm_fast.reference.attention (same signature, same result)."""
-    checks.check_attention(q, k, v)
-    for name, x in (("q", q), ("v", v)):
-        if not 1 <= x.shape[-1] <= MAX_HEAD_DIM:
-            raise ValueError(f"{name}'s head dim must be in [1, {MAX_HEAD_DIM}], got {x.shape[-1]}")
-    if scale is None:
-        scale = q.shape[-1] ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-        raise TypeError(f"scale must be a finite number, got {scale!r}")
-    return attention_op(q, k, v, float(scale))[0]
+    key = (meta_key(q), meta_key(k), meta_key(v), type(scale), scale)
+    call = _CALLS.get(key, lambda: _Call(q, k, v, scale))  # checks on a miss only
+    if direct_call(q, k, v) and use_triton(q.device):  # eager, no gradient: the launcher itself
+        return attention_fwd(q, k, v, call.scale, plan=call.plan, lse=call.lse)[0]
+    return attention_op(q, k, v, call.scale)[0]

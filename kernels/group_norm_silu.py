@@ -51,13 +51,16 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import on_input_device, use_triton
+from ddpm_fast.kernels._common import Plans, cdiv, direct_call, meta_key, next_power_of_2, on_input_device, use_triton
 
 MAX_TILE_FWD = 16384  # values held in registers by the one-kernel forward
 MAX_TILE_BWD = 16384  # the backward keeps xhat and dh of the tile live between its passes
-MIN_SPLIT_GROUP = 2048  # groups smaller than this are never split across programs
+MIN_SPLIT_BYTES = 256 * 1024  # a program's groups smaller than this stream through one SM (~50 GB/s) in
+# about what the split path's second launch costs: one kernel, however few programs
 MIN_CONTIGUOUS_BYTES = 64  # NHWC: take groups together until a pixel's slice is this long
 MAX_TILE_MULTI = 8192  # ... while the tile of several groups stays this small (more spills registers)
+MAX_TILE_LOOP = 8192  # the tile of kernels that loop over a group (split path, looped backward): 16384 spilled
+# 16-104 B there (128 channels of 128x128, found by compiling the split path at big groups)
 
 
 # -- per-group reductions from per-channel vectors ------------------------------------------------
@@ -392,35 +395,95 @@ def group_block(G: int, cpg: int, hw: int, stride_c: int, element_size: int) -> 
     longer runs; bigger multi-group tiles spill registers in the backward)."""
     if stride_c != 1 or cpg * element_size >= MIN_CONTIGUOUS_BYTES:
         return 1
-    gb = min(triton.next_power_of_2(triton.cdiv(MIN_CONTIGUOUS_BYTES, cpg * element_size)),
-             triton.next_power_of_2(G))  # fmt: skip
-    while gb > 1 and triton.next_power_of_2(gb * cpg) * triton.next_power_of_2(hw) > MAX_TILE_MULTI:
+    gb = min(next_power_of_2(cdiv(MIN_CONTIGUOUS_BYTES, cpg * element_size)), next_power_of_2(G))
+    while gb > 1 and next_power_of_2(gb * cpg) * next_power_of_2(hw) > MAX_TILE_MULTI:
         gb //= 2
     return gb
 
 
 def _tile(gb: int, cpg: int, hw: int, max_tile: int) -> tuple[int, int]:
-    block_c = triton.next_power_of_2(gb * cpg)
-    return block_c, min(triton.next_power_of_2(hw), max(16, max_tile // block_c))
+    block_c = next_power_of_2(gb * cpg)
+    return block_c, min(next_power_of_2(hw), max(16, max_tile // block_c))
 
 
-def forward_plan(B: int, G: int, cpg: int, hw: int, device: torch.device, split=None, gb: int = 1):
+def forward_plan(B: int, G: int, cpg: int, hw: int, device: torch.device, split=None, gb: int = 1,
+                 element_size: int = 4):  # fmt: skip
     """(split, BLOCK_C, BLOCK_HW). split = 0: one kernel, each program's groups in one tile;
-    split = k: statistics then apply, each group spread over k programs. `split` overrides."""
+    split = k: statistics then apply, each group spread over k programs. `split` overrides.
+
+    The split path costs a second launch (a few us from the host, ~1 us in a CUDA graph) and a
+    second read of x; it pays only where the programs are too few to fill the GPU and each one's
+    groups are too big to stream through one SM in that time (MIN_SPLIT_BYTES), or where the
+    groups do not fit a tile. So the paper's U-Net runs one kernel per GroupNorm at every batch
+    (its largest group, 4 channels of 32x32, is 16 KB in float32)."""
     block_c, block_hw = _tile(gb, cpg, hw, MAX_TILE_FWD)
-    fits = triton.cdiv(hw, block_hw) == 1
+    fits = cdiv(hw, block_hw) == 1
     if split is None:
-        programs, target = B * triton.cdiv(G, gb), _target_programs(device)
-        if fits and (programs >= target or gb * cpg * hw < MIN_SPLIT_GROUP):
+        programs, target = B * cdiv(G, gb), _target_programs(device)
+        if fits and (programs >= target or gb * cpg * hw * element_size < MIN_SPLIT_BYTES):
             split = 0
         else:  # enough programs to fill the GPU, each with at least one 16-wide tile
-            split = max(1, min(triton.cdiv(target, programs), triton.cdiv(hw, 16)))
+            split = max(1, min(cdiv(target, programs), cdiv(hw, 16)))
     if split == 0:
         if not fits:
             raise ValueError(f"split=0 needs {gb} group(s) of {cpg} x {hw} values to fit in a tile of {MAX_TILE_FWD}")
         return 0, block_c, block_hw
     # Smaller tiles for split groups, so that each program has its share to loop over.
-    return split, block_c, min(block_hw, max(16, triton.next_power_of_2(triton.cdiv(hw, split))))
+    block_hw = min(block_hw, max(16, MAX_TILE_LOOP // block_c))
+    return split, block_c, min(block_hw, max(16, next_power_of_2(cdiv(hw, split))))
+
+
+class _FwdPlan:
+    """One forward launch's host work, from (x, add)'s metadata and the options (see Plans)."""
+
+    def __init__(self, x, num_groups, add, split):
+        B, C = x.shape[:2]
+        G, cpg = num_groups, C // num_groups
+        self.copy_x = not _collapses(x)  # spatial dims that do not collapse: x is copied per call
+        x3 = _as_bchw(x) if self.copy_x else None
+        x_strides = x3.stride() if x3 is not None else (x.stride(0), x.stride(1), _hw_stride(x))
+        hw = math.prod(x.shape[2:])
+        self.memory_format = output_memory_format(x)
+        y = torch.empty(x.shape, dtype=x.dtype, device="meta", memory_format=self.memory_format)
+        self.y_size, self.y_stride = tuple(y.shape), y.stride()
+        y_strides = (y.stride(0), y.stride(1), _hw_stride(y))
+        self.stats_shape = (B, G)
+        self.empty = x.numel() == 0
+        if self.empty:
+            return
+        gb = group_block(G, cpg, hw, x_strides[1], x.element_size())
+        self.ngb = ngb = cdiv(G, gb)
+        self.split, block_c, block_hw = forward_plan(B, G, cpg, hw, x.device, split, gb, x.element_size())
+        stride_a = (add.stride(0), add.stride(1)) if add is not None else (0, 0)
+        meta = dict(HAS_ADD=add is not None, GB=gb, BLOCK_C=block_c, BLOCK_HW=block_hw,
+                    num_warps=_num_warps(block_c * block_hw, 16))  # fmt: skip
+        if self.split == 0:
+            self.grid = (B * ngb,)
+            self.ints = (G, ngb, cpg, hw)
+            self.strides = (*x_strides, *stride_a, *y_strides)
+            self.meta = {silu: dict(meta, EVEN_HW=block_hw == hw, SILU=silu) for silu in (False, True)}
+            return
+        chunk = cdiv(cdiv(hw, self.split), block_hw) * block_hw
+        split = cdiv(hw, chunk)
+        self.grid = (B * ngb, split)
+        self.parts = B * G * split * 3
+        self.ints = (G, ngb, cpg, hw, chunk, split)
+        self.stats_strides = (*x_strides, *stride_a)
+        self.strides = (*x_strides, *stride_a, *y_strides)
+        self.stats_meta = meta
+        self.meta = dict(meta, BLOCK_S=max(2, next_power_of_2(split)))
+
+
+def _collapses(x: torch.Tensor) -> bool:
+    """x's spatial dims collapse to one stride (a (B, C, HW) view of x exists)."""
+    expected = None
+    for size, stride in reversed(list(zip(x.shape[2:], x.stride()[2:]))):
+        if size == 1:
+            continue
+        if expected is not None and stride != expected:
+            return False
+        expected = stride * size
+    return True
 
 
 def _add_args(add, x3):
@@ -429,44 +492,44 @@ def _add_args(add, x3):
     return add, add.stride(0), add.stride(1)
 
 
+def _hw_stride(x: torch.Tensor) -> int:
+    """The stride of x's collapsed spatial dims: that of the innermost one longer than 1."""
+    for size, stride in reversed(list(zip(x.shape[2:], x.stride()[2:]))):
+        if size != 1:
+            return stride
+    return 1
+
+
+_FWD_PLANS = Plans()
+
+
 @on_input_device
-def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None):
-    """y, mean, rstd. `split` overrides the plan (0: one kernel; k: statistics over k chunks)."""
-    B, C = x.shape[:2]
-    G, cpg = num_groups, C // num_groups
-    x3 = _as_bchw(x)
-    hw = x3.shape[2]
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=output_memory_format(x))
-    y3 = _as_bchw(y)
-    mean = torch.empty(B, G, dtype=torch.float32, device=x.device)
-    rstd = torch.empty_like(mean)
-    if x.numel() == 0:
+def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None, plan=None, stats=None):
+    """y, mean, rstd. `split` overrides the plan (0: one kernel; k: statistics over k chunks);
+    `plan`: the call's _FwdPlan where the caller has it; `stats`: (mean, rstd) buffers to write
+    (a caller that will not read them passes scratch it keeps)."""
+    if plan is None or split is not None:
+        key = (meta_key(x), meta_key(add), num_groups, split)
+        plan = _FWD_PLANS.get(key, lambda: _FwdPlan(x, num_groups, add, split))
+    y = x.new_empty_strided(plan.y_size, plan.y_stride)  # half the host time of torch.empty_strided
+    if stats is None:
+        mean = x.new_empty(plan.stats_shape, dtype=torch.float32)
+        stats = mean, torch.empty_like(mean)
+    mean, rstd = stats
+    if plan.empty:
         return y, mean, rstd
-    gb = group_block(G, cpg, hw, x3.stride(1), x.element_size())
-    ngb = triton.cdiv(G, gb)
-    plan_split, block_c, block_hw = forward_plan(B, G, cpg, hw, x.device, split, gb)
-    add_arg, stride_ab, stride_ac = _add_args(add, x3)
-    x_strides, y_strides = x3.stride(), y3.stride()
-    meta = dict(HAS_ADD=add is not None, GB=gb, BLOCK_C=block_c, BLOCK_HW=block_hw)
-    if plan_split == 0:
-        _gn_silu_fwd_fused_kernel[(B * ngb,)](
-            x3, add_arg, weight, bias, y3, mean, rstd, G, ngb, cpg, hw, eps,
-            *x_strides, stride_ab, stride_ac, *y_strides,
-            SILU=silu, EVEN_HW=block_hw == hw, num_warps=_num_warps(block_c * block_hw, 16), **meta,
+    if plan.copy_x:
+        x = _as_bchw(x)
+    add_arg = add if add is not None else x
+    if plan.split == 0:
+        _gn_silu_fwd_fused_kernel[plan.grid](
+            x, add_arg, weight, bias, y, mean, rstd, *plan.ints, eps, *plan.strides, **plan.meta[silu],
         )  # fmt: skip
     else:
-        chunk = triton.cdiv(triton.cdiv(hw, plan_split), block_hw) * block_hw
-        split = triton.cdiv(hw, chunk)
-        parts = torch.empty(B * G * split * 3, dtype=torch.float32, device=x.device)
-        warps = _num_warps(block_c * block_hw, 16)
-        _gn_stats_kernel[(B * ngb, split)](
-            x3, add_arg, parts, G, ngb, cpg, hw, chunk, split, *x_strides, stride_ab, stride_ac,
-            num_warps=warps, **meta,
-        )  # fmt: skip
-        _gn_silu_apply_kernel[(B * ngb, split)](
-            x3, add_arg, weight, bias, y3, mean, rstd, parts, G, ngb, cpg, hw, chunk, split, eps,
-            *x_strides, stride_ab, stride_ac, *y_strides,
-            SILU=silu, BLOCK_S=max(2, triton.next_power_of_2(split)), num_warps=warps, **meta,
+        parts = torch.empty(plan.parts, dtype=torch.float32, device=x.device)
+        _gn_stats_kernel[plan.grid](x, add_arg, parts, *plan.ints, *plan.stats_strides, **plan.stats_meta)
+        _gn_silu_apply_kernel[plan.grid](
+            x, add_arg, weight, bias, y, mean, rstd, parts, *plan.ints, eps, *plan.strides, SILU=silu, **plan.meta,
         )  # fmt: skip
     return y, mean, rstd
 
@@ -494,6 +557,8 @@ def group_norm_act_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, silu):
     gb = group_block(G, cpg, hw, x3.stride(1), x.element_size())
     ngb = triton.cdiv(G, gb)
     block_c, block_hw = _tile(gb, cpg, hw, MAX_TILE_BWD)
+    if triton.cdiv(hw, block_hw) > 1:  # the group is looped over in two passes: a smaller tile
+        block_c, block_hw = _tile(gb, cpg, hw, min(MAX_TILE_BWD, MAX_TILE_LOOP))
     add_arg, stride_ab, stride_ac = _add_args(add, x3)
     _gn_silu_bwd_kernel[(B * ngb,)](
         x3, add_arg, weight, bias, g3, mean, rstd, d3, dadd if add is not None else parts, parts[0], parts[1],
@@ -573,11 +638,30 @@ group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 # -- the functional entry points --------------------------------------------------------------------
 
 
+class _Call:
+    """A public call's checked metadata: its forward plan, stand-ins for a missing weight or
+    bias, and scratch statistics for calls that no backward will read."""
+
+    def __init__(self, x, num_groups, weight, bias, add):
+        checks.check_group_norm(x, num_groups, weight, bias, add)
+        C = x.shape[1]
+        self.weight = torch.ones(C, device=x.device) if weight is None else None
+        self.bias = torch.zeros(C, device=x.device) if bias is None else None
+        self.plan = _FwdPlan(x, num_groups, add, None)
+        mean = torch.empty(self.plan.stats_shape, dtype=torch.float32, device=x.device)
+        self.stats = mean, torch.empty_like(mean)
+
+
+_CALLS = Plans()
+
+
 def _group_norm(x, num_groups, weight, bias, eps, add, silu):
-    checks.check_group_norm(x, num_groups, weight, bias, add)
-    C = x.shape[1]
-    w = weight if weight is not None else torch.ones(C, device=x.device)
-    b = bias if bias is not None else torch.zeros(C, device=x.device)
+    key = (meta_key(x), meta_key(add), meta_key(weight), meta_key(bias), type(num_groups), num_groups)
+    call = _CALLS.get(key, lambda: _Call(x, num_groups, weight, bias, add))  # checks on a miss only
+    w = weight if weight is not None else call.weight
+    b = bias if bias is not None else call.bias
+    if direct_call(x, w, b, add) and use_triton(x.device):  # eager, no gradient: the launcher itself
+        return group_norm_act_fwd(x, num_groups, w, b, float(eps), add, silu, plan=call.plan, stats=call.stats)[0]
     return group_norm_act_op(x, num_groups, w, b, float(eps), add, silu)[0]
 
 

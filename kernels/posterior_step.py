@@ -48,10 +48,14 @@ from triton.language.extra import libdevice
 
 from ddpm_fast import checks, reference
 from ddpm_fast.kernels._common import (
+    Plans,
     as_rows,
+    cdiv,
+    direct_call,
     elementwise_block,
     elementwise_out,
     interpreter_on,
+    meta_key,
     on_input_device,
     use_triton,
 )
@@ -175,47 +179,74 @@ def draw_seed(generator: torch.Generator | None, device: torch.device) -> torch.
     return seed.to(device)
 
 
-def _launch_args(x_t, model_output, noise, seed, order):
-    """(B, N) views of the inputs, the noise (or seed) pointers and strides, the grid."""
-    x2, o2 = as_rows(x_t, order), as_rows(model_output, order)
-    B, N = x2.shape
-    z2 = as_rows(noise, order) if noise is not None else x2  # noise pointer unused without noise
-    seed = seed if seed is not None else x2  # seed pointer unused with a noise tensor
-    block = elementwise_block(N)
-    blocks_per_row = triton.cdiv(N, block)
-    strides = (x2.stride(0), x2.stride(1), o2.stride(0), o2.stride(1), z2.stride(0), z2.stride(1))
-    return x2, o2, z2, seed, N, block, blocks_per_row, (B * blocks_per_row,), strides
+class _StepPlan:
+    """One reverse step's host work, from x_t, the model output and the noise's metadata (see
+    _common.Plans): the output's layout, the (B, N) strides each tensor is walked with (its own
+    memory where its dims collapse so; a copy per call where they do not), the block and grid."""
+
+    def __init__(self, x_t, model_output, noise):
+        y, self.order = elementwise_out(x_t)
+        self.y_size, self.y_stride = tuple(y.shape), y.stride()
+        self.empty = y.numel() == 0
+        if self.empty:
+            return
+        self.copy, strides = [], []
+        for x in (x_t, model_output, noise if noise is not None else x_t):
+            rows = as_rows(x, self.order)
+            self.copy.append(rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
+            strides += rows.stride()
+        B, N = as_rows(x_t, self.order).shape
+        self.N, self.block = N, elementwise_block(N)
+        self.blocks_per_row = cdiv(N, self.block)
+        self.grid = (B * self.blocks_per_row,)
+        self.strides = tuple(strides)
+
+    def rows(self, x_t, model_output, noise):
+        """The three tensors as the kernel reads them: themselves, or (B, N) copies."""
+        out = []
+        for x, copy in zip((x_t, model_output, noise), self.copy):
+            out.append(as_rows(x, self.order) if copy and x is not None else x)
+        return out
+
+
+_PLANS = Plans()
+
+
+def _plan(x_t, model_output, noise) -> _StepPlan:
+    key = (meta_key(x_t), meta_key(model_output), meta_key(noise))
+    return _PLANS.get(key, lambda: _StepPlan(x_t, model_output, noise))
 
 
 @on_input_device
-def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised):
-    y, order = elementwise_out(x_t)
-    if y.numel() == 0:
+def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan=None):
+    plan = plan or _plan(x_t, model_output, noise)
+    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    if plan.empty:
         return y
-    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, seed, order)
-    _posterior_step_kernel[grid](
-        x2, o2, z2, seed, t, *buffers, as_rows(y, order),
-        N, blocks_per_row, buffers[0].shape[0], *strides, t.stride(0),
+    x2, o2, z2 = plan.rows(x_t, model_output, noise)
+    _posterior_step_kernel[plan.grid](
+        x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, *buffers, y,
+        plan.N, plan.blocks_per_row, buffers[0].shape[0], *plan.strides, t.stride(0),
         PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=noise is not None,
-        FAST_TRIG=not interpreter_on(), BLOCK=block, num_warps=4,
+        FAST_TRIG=not interpreter_on(), BLOCK=plan.block, num_warps=4,
     )  # fmt: skip
     return y
 
 
 @on_input_device
 def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type, clip_denoised,
-                  use_clipped_model_output):  # fmt: skip
-    y, order = elementwise_out(x_t)
-    if y.numel() == 0:
+                  use_clipped_model_output, plan=None):  # fmt: skip
+    plan = plan or _plan(x_t, model_output, noise)
+    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    if plan.empty:
         return y
-    stochastic = noise is not None or seed is not None
-    x2, o2, z2, seed, N, block, blocks_per_row, grid, strides = _launch_args(x_t, model_output, noise, seed, order)
-    _ddim_step_kernel[grid](
-        x2, o2, z2, seed, t, t_prev, alphas_cumprod, as_rows(y, order),
-        float(eta), N, blocks_per_row, alphas_cumprod.shape[0], *strides, t.stride(0), t_prev.stride(0),
+    x2, o2, z2 = plan.rows(x_t, model_output, noise)
+    _ddim_step_kernel[plan.grid](
+        x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, t_prev, alphas_cumprod, y,
+        float(eta), plan.N, plan.blocks_per_row, alphas_cumprod.shape[0], *plan.strides, t.stride(0), t_prev.stride(0),
         PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), CLIPPED_EPS=bool(use_clipped_model_output),
-        STOCHASTIC=stochastic, HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(), BLOCK=block,
-        num_warps=4,
+        STOCHASTIC=noise is not None or seed is not None, HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(),
+        BLOCK=plan.block, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -304,6 +335,40 @@ def _noise_or_seed(x_t, noise, generator, noise_source):
     return reference.draw_noise(x_t, None, generator), None
 
 
+class _Call:
+    """A public call's checked metadata (see _common.Plans): the launch plan and the schedule
+    buffers. The key names each buffer by identity, so the call holds them (an id cannot be
+    reused while its entry lives); buffers the kernel reads as they are (float32, contiguous: the
+    DDPM's own) are passed as they are, others converted per call, so an in-place change to
+    either is always seen."""
+
+    def __init__(self, check, x_t, model_output, noise, buffers):
+        check()
+        self.plan = _plan(x_t, model_output, noise)
+        self.drawn = None  # the plan with the noise a call without one draws (always laid out alike)
+        self.held = buffers
+        ready = all(b.dtype == torch.float32 and b.is_contiguous() for b in buffers)
+        self.ready = buffers if ready else None
+
+    def buffers(self):
+        return self.ready if self.ready is not None else tuple(b.float().contiguous() for b in self.held)
+
+    def plan_for(self, x_t, model_output, given, noise) -> _StepPlan:
+        """The plan for this call's noise: the key's (given, or none at all), or the drawn one's."""
+        if given is not None or noise is None:
+            return self.plan
+        if self.drawn is None:
+            self.drawn = _plan(x_t, model_output, noise)
+        return self.drawn
+
+
+_CALLS = Plans()
+
+
+def _buffers_key(buffers) -> tuple:
+    return tuple(map(id, buffers))
+
+
 def posterior_step(
     x_t,
     model_output,
@@ -326,11 +391,23 @@ def posterior_step(
     if _wants_grad(x_t, model_output):
         return reference.posterior_step(x_t, model_output, t, noise, *buffers, prediction_type, clip_denoised,
                                         generator, noise_source, check_t)  # fmt: skip
-    checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=check_t)
-    checks.check_noise_source(noise_source)
+
+    def check():
+        checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=False)
+        checks.check_noise_source(noise_source)
+
+    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), _buffers_key(buffers),
+           prediction_type, noise_source)  # fmt: skip
+    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, buffers))  # checks on a miss only
+    if check_t:  # the value check: one host sync
+        checks.check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
+    given = noise
     noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
-    buffers = tuple(b.float().contiguous() for b in buffers)
-    return posterior_step_op(x_t, model_output, t, noise, seed, *buffers, prediction_type, bool(clip_denoised))
+    if direct_call(x_t, model_output, t, noise) and use_triton(x_t.device):
+        plan = call.plan_for(x_t, model_output, given, noise)
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, call.buffers(), prediction_type,
+                                  bool(clip_denoised), plan=plan)  # fmt: skip
+    return posterior_step_op(x_t, model_output, t, noise, seed, *call.buffers(), prediction_type, bool(clip_denoised))
 
 
 def ddim_step(
@@ -353,8 +430,22 @@ def ddim_step(
         return reference.ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
                                    clip_denoised, generator, use_clipped_model_output, noise_source,
                                    check_t)  # fmt: skip
-    checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, check_t)
-    checks.check_noise_source(noise_source)
+
+    def check():
+        checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, False)
+        checks.check_noise_source(noise_source)
+
+    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(t_prev), meta_key(noise),
+           _buffers_key((alphas_cumprod,)), type(eta), eta, prediction_type, noise_source)  # fmt: skip
+    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, (alphas_cumprod,)))
+    if check_t:  # the value checks: one host sync
+        checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, True)
+    given = noise
     noise, seed = _noise_or_seed(x_t, noise, generator, noise_source) if eta > 0 else (None, None)
-    return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod.float().contiguous(), float(eta),
-                        prediction_type, bool(clip_denoised), bool(use_clipped_model_output))  # fmt: skip
+    (abar,) = call.buffers()
+    if direct_call(x_t, model_output, t, t_prev, noise) and use_triton(x_t.device):
+        plan = call.plan_for(x_t, model_output, given, noise)
+        return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
+                             bool(clip_denoised), bool(use_clipped_model_output), plan=plan)  # fmt: skip
+    return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
+                        bool(clip_denoised), bool(use_clipped_model_output))  # fmt: skip

@@ -172,3 +172,42 @@ def test_bad_inputs_are_named():
     big = torch.randn(1, 1, 8, 300)
     with pytest.raises(ValueError, match="^q's head dim must be in \\[1, 256\\], got 300"):
         kernels.attention(big, big, big)
+
+
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """float32 x rounded to TF32 (10 mantissa bits, to nearest, ties away from zero: what the
+    GPU's cvt.rna.tf32.f32 does before a TF32 MMA)."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def _mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as Triton's input_precision="tf32x3" computes it: each operand split into a TF32
+    high part and a TF32 remainder, three products (hi hi, hi lo, lo hi) accumulated in float32."""
+    a_hi, b_hi = _tf32(a), _tf32(b)
+    a_lo, b_lo = _tf32(a - a_hi), _tf32(b - b_hi)
+    return a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi
+
+
+@pytest.mark.parametrize("d", [32, 64, 128])
+def test_3xtf32_dots_hold_float32_accuracy(d):
+    """The part of float32 attention the interpreter cannot run (its dots are IEEE whatever the
+    precision): on a GPU with TF32 off, float32 attention multiplies as 3xTF32 up to
+    TF32X3_MAX_HEAD_DIM. Emulated bit for bit in its rounding (not in the MMA's accumulation
+    order), attention over 256 tokens holds the float32 tolerance against float64, where a
+    single TF32 product does not: so the choice keeps the float32 contract. The compiled kernel
+    itself is held to the same tolerance on a GPU (these tests' float32 cases there, and
+    `ddpm-fast check`)."""
+    from ddpm_fast.kernels.attention import TF32X3_MAX_HEAD_DIM
+
+    assert d <= TF32X3_MAX_HEAD_DIM["fwd"]
+    q, k, v = (t.float() for t in qkv(2, 1, 256, d, torch.float32, "token_major"))
+    expected = attention64(q.double(), k.double(), v.double())
+
+    def attention_with(mm):
+        p = torch.softmax(mm(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)
+        return mm(p, v)
+
+    torch.testing.assert_close(attention_with(_mm_3xtf32).double(), expected, **TOL[torch.float32])
+    with pytest.raises(AssertionError):  # one TF32 product per dot: ~1e-3 off
+        torch.testing.assert_close(attention_with(lambda a, b: _tf32(a) @ _tf32(b)).double(), expected,
+                                   **TOL[torch.float32])  # fmt: skip

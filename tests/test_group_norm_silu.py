@@ -85,17 +85,22 @@ def test_every_forward_path(split, monkeypatch):
     """One kernel (split 0), and statistics over 1, 3 or 8 chunks of each group then the apply."""
     G, x, w, b, a = inputs((2, 16, 12, 10, 4), torch.float32)
     real = gn_module.group_norm_act_fwd
-    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real(*args, split=split))
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args, **kw: real(*args, **kw, split=split))
     grad = torch.randn(x.shape)
     assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), run(eager64, G, x, w, b, a, grad, True),
                    torch.float32)  # fmt: skip
 
 
-def test_small_batches_split_groups_across_programs():
-    """Batch-1 sampling: 32 groups would leave most of a GPU idle, so large groups are split."""
-    assert gn_module.forward_plan(1, 32, 4, 32 * 32, torch.device("cpu"))[0] > 1
-    assert gn_module.forward_plan(128, 32, 4, 32 * 32, torch.device("cpu"))[0] == 0
-    assert gn_module.forward_plan(1, 32, 8, 4 * 4, torch.device("cpu"))[0] == 0  # tiny groups: one kernel
+def test_groups_are_split_across_programs_only_where_it_pays():
+    """The split path's second launch pays only for groups too big for one SM to stream in that
+    time: the paper's U-Net (at most 16 KB per group) runs one kernel per GroupNorm at batch 1 too;
+    a batch-1 256x256 map (1 MB groups) and groups that do not fit a tile are split."""
+    cpu = torch.device("cpu")
+    assert gn_module.forward_plan(1, 32, 4, 32 * 32, cpu)[0] == 0  # the U-Net's 32x32 level, batch 1
+    assert gn_module.forward_plan(1, 32, 8, 4 * 4, cpu)[0] == 0  # tiny groups: one kernel
+    assert gn_module.forward_plan(1, 32, 4, 256 * 256, cpu)[0] > 1  # 1 MB groups, 32 programs
+    assert gn_module.forward_plan(128, 32, 4, 256 * 256, cpu)[0] == 1  # enough programs; no tile holds a group
+    assert gn_module.forward_plan(128, 32, 4, 32 * 32, cpu)[0] == 0
 
 
 def test_backward_over_groups_larger_than_a_tile(monkeypatch):
@@ -110,7 +115,7 @@ def test_backward_over_groups_larger_than_a_tile(monkeypatch):
 def test_large_mean_small_spread_stays_accurate(split, monkeypatch):
     """mean 1e3, std 1e-2: E[x^2] - E[x]^2 in float32 would lose every digit of the variance."""
     real = gn_module.group_norm_act_fwd
-    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real(*args, split=split))
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args, **kw: real(*args, **kw, split=split))
     G, x, w, b, a = inputs((2, 64, 8, 8, 32), torch.float32, with_add=False, loc=1e3, scale=1e-2)
     grad = torch.randn(x.shape)
     fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
@@ -198,14 +203,15 @@ def test_channels_last_is_read_nhwc_native(shape, dtype, monkeypatch):
     real = gn_module._as_bchw
     monkeypatch.setattr(gn_module, "_as_bchw", lambda t: reshapes.append(real(t).data_ptr() == t.data_ptr()) or real(t))
     fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
-    assert all(reshapes) and len(reshapes) == 5  # x, y forward; x, dy, dx backward: views, not copies
+    assert all(reshapes) and len(reshapes) == 3  # x, dy, dx backward: views, not copies
+    assert not gn_module._FwdPlan(x, G, a, None).copy_x  # the forward passes x and y as they lie
     assert fused[0].is_contiguous(memory_format=torch.channels_last)
     assert fused[1].is_contiguous(memory_format=torch.channels_last)
     expected = run(eager64, G, x, w, b, a, grad, double=True)
     assert_matches(fused, expected, dtype)
     monkeypatch.setattr(gn_module, "MAX_TILE_BWD", 64)  # the looped backward, several groups per program
     real_fwd = gn_module.group_norm_act_fwd
-    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args: real_fwd(*args, split=3))
+    monkeypatch.setattr(gn_module, "group_norm_act_fwd", lambda *args, **kw: real_fwd(*args, **kw, split=3))
     assert_matches(run(kernels.group_norm_silu, G, x, w, b, a, grad), expected, dtype)
 
 

@@ -244,7 +244,7 @@ def test_ddpm_uses_the_kernels_through_its_switch(monkeypatch):
         monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name: launched.append(_name) or _real(*a))
     step_mod = importlib.import_module("ddpm_fast.kernels.posterior_step")
     real_step = step_mod.posterior_step_fwd
-    monkeypatch.setattr(step_mod, "posterior_step_fwd", lambda *a: launched.append("step") or real_step(*a))
+    monkeypatch.setattr(step_mod, "posterior_step_fwd", lambda *a, **kw: launched.append("step") or real_step(*a, **kw))
     results = []
     for fused in (True, False):
         ddpm.set_fused(fused)
