@@ -23,7 +23,7 @@ Contract
   fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply on tensor
   cores: in TF32 where torch allows it for the eager matmul too (torch.backends.cuda.matmul.fp32_precision
   or the legacy allow_tf32: _common.tf32_matmul), else as 3xTF32 (float32-level error) up to head
-  dim 128; above that (where 3xTF32's tiles spill registers) in IEEE float32 on the FMA units.
+  dim 128 forward, 64 backward; above (where 3xTF32's tiles spill) in IEEE float32 on the FMA units.
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
@@ -264,7 +264,8 @@ FWD_CONFIGS = {
         ("half", 128): [(128, 32, 8, 3), (64, 64, 8, 3)],
         ("half", 256): [(64, 64, 8, 2), (64, 32, 8, 3), (64, 32, 8, 2)],
         ("float32", 64): [(64, 32, 8, 2), (32, 32, 8, 2)],
-        ("float32", 128): [(64, 32, 8, 2), (32, 32, 8, 2)],  # Triton 3.6 spills 16-24 B in the first
+        # Triton 3.6 spills 16-24 B in the first; 3xTF32 under 3.6 spills in both: the last two for it
+        ("float32", 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(64, 16, 8, 2)],
     },
     "sm90": {
@@ -272,7 +273,8 @@ FWD_CONFIGS = {
         ("half", 128): [(128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 8, 3)],
         ("half", 256): [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 8, 3)],
         ("float32", 64): [(64, 32, 8, 2), (32, 64, 8, 2), (32, 32, 8, 2)],
-        ("float32", 128): [(32, 64, 8, 2), (32, 32, 8, 2)],  # Triton 3.8 spills 8 B in the first
+        # Triton 3.8 spills 8 B in the first; 3xTF32 under 3.6 spills in both: the last two for it
+        ("float32", 128): [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
 }
@@ -284,7 +286,7 @@ DKDV_CONFIGS = {
         ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
         ("half", 256): [(64, 32, 8, 1), (32, 64, 8, 1)],
         ("float32", 64): [(16, 32, 4, 1), (16, 16, 4, 1)],
-        ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1), (16, 16, 8, 1)],  # the last: 3xTF32's
+        ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1)],
         ("float32", 256): [(16, 16, 8, 1)],
     },
     "sm90": {
@@ -292,18 +294,17 @@ DKDV_CONFIGS = {
         ("half", 128): [(64, 32, 8, 2), (64, 64, 8, 1), (32, 64, 8, 2)],
         ("half", 256): [(32, 64, 8, 1)],
         ("float32", 64): [(32, 32, 8, 1), (16, 32, 4, 1)],
-        ("float32", 128): [(16, 16, 4, 1), (16, 16, 8, 1)],  # the last: 3xTF32's
+        ("float32", 128): [(16, 16, 4, 1)],
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
     },
 }
-TF32X3_DQ_128 = [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)]  # sm_80's d = 128 for 3xTF32
 DQ_CONFIGS = {
     "sm80": {
         ("half", 64): [(128, 64, 8, 2), (128, 32, 4, 2), (64, 32, 4, 2)],
         ("half", 128): [(64, 64, 8, 2), (128, 32, 8, 2), (64, 32, 4, 2)],
         ("half", 256): [(64, 32, 8, 2), (64, 64, 8, 2), (64, 16, 8, 2)],
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 4, 1)],
-        ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1), *TF32X3_DQ_128],
+        ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1)],
         ("float32", 256): [(16, 16, 4, 1)],
     },
     "sm90": {
@@ -311,7 +312,7 @@ DQ_CONFIGS = {
         ("half", 128): [(64, 64, 8, 2), (128, 64, 8, 2), (128, 32, 8, 2)],
         ("half", 256): [(64, 32, 8, 2), (64, 16, 8, 2)],
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 8, 1)],
-        ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)],  # 3xTF32's: the last two
+        ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1)],
         ("float32", 256): [(16, 32, 8, 2), (16, 16, 4, 2)],
     },
 }
@@ -421,11 +422,13 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
 
 
 # 3xTF32 needs the high and low TF32 parts of each operand tile live at once: about twice the
-# registers of one float32 tile. Searched under Triton 3.8 by compiling for sm_80 and sm_90 (tiles
-# of 16-64 by 16-64, 4-16 warps, 1-2 stages) at 256 and 49 tokens: every kernel has spill-free
-# 3xTF32 tiles up to head dim 128 (the tables' entries marked so); at 256 (the paper's U-Net) every
-# tile spills, 0.1-17 KB per thread. There the float32 dots stay IEEE (FMA), or TF32 where allowed.
-TF32X3_MAX_HEAD_DIM = {"fwd": 128, "bwd": 128}
+# registers of one float32 tile. Searched by compiling for sm_80 and sm_90 (tiles of 16-64 by
+# 16-64, 4-16 warps, 1-2 stages) at 256 and 49 tokens, token-major and transposed: the forward
+# has spill-free 3xTF32 tiles up to head dim 128 under Triton 3.6 and 3.8 (the entries marked so);
+# the backward up to 64 (at 128, 3.8 compiles some tiles clean but 3.6's dQ kernel spills 8-184 B
+# in every one tried on sm_90); at 256 (the paper's U-Net) every tile spills, 0.1-17 KB per
+# thread. Beyond these the float32 dots stay IEEE (FMA), or TF32 where allowed.
+TF32X3_MAX_HEAD_DIM = {"fwd": 128, "bwd": 64}
 
 
 def _precision(dtype: torch.dtype, block_d: int, kernel: str) -> tuple[bool, str]:

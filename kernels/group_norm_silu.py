@@ -59,8 +59,9 @@ MIN_SPLIT_BYTES = 256 * 1024  # a program's groups smaller than this stream thro
 # about what the split path's second launch costs: one kernel, however few programs
 MIN_CONTIGUOUS_BYTES = 64  # NHWC: take groups together until a pixel's slice is this long
 MAX_TILE_MULTI = 8192  # ... while the tile of several groups stays this small (more spills registers)
-MAX_TILE_LOOP = 8192  # the tile of kernels that loop over a group (split path, looped backward): 16384 spilled
-# 16-104 B there (128 channels of 128x128, found by compiling the split path at big groups)
+MAX_TILE_LOOP = 8192  # the tile of kernels that loop over a group (the split path): 16384 spilled 16-104 B
+# there (128 channels of 128x128, found by compiling the split path at big groups)
+MAX_TILE_LOOP_BWD = 4096  # the looped backward keeps more live: 8192 spilled 16 B under Triton 3.6 on sm_90
 
 
 # -- per-group reductions from per-channel vectors ------------------------------------------------
@@ -558,7 +559,7 @@ def group_norm_act_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, silu):
     ngb = triton.cdiv(G, gb)
     block_c, block_hw = _tile(gb, cpg, hw, MAX_TILE_BWD)
     if triton.cdiv(hw, block_hw) > 1:  # the group is looped over in two passes: a smaller tile
-        block_c, block_hw = _tile(gb, cpg, hw, min(MAX_TILE_BWD, MAX_TILE_LOOP))
+        block_c, block_hw = _tile(gb, cpg, hw, min(MAX_TILE_BWD, MAX_TILE_LOOP_BWD))
     add_arg, stride_ab, stride_ac = _add_args(add, x3)
     _gn_silu_bwd_kernel[(B * ngb,)](
         x3, add_arg, weight, bias, g3, mean, rstd, d3, dadd if add is not None else parts, parts[0], parts[1],
