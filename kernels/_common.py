@@ -206,12 +206,6 @@ class Plans:
             plan = self._plans[key] = build()
         return plan
 
-    def clear(self) -> None:
-        self._plans.clear()
-
-    def __len__(self) -> int:
-        return len(self._plans)
-
 
 def cdiv(a: int, b: int) -> int:
     """triton.cdiv in plain Python (the helper costs a call through triton's constexpr unwrapping)."""

@@ -483,12 +483,16 @@ class _FwdPlan:
 _FWD_PLANS = Plans()
 
 
+def _fwd_plan(q, k, v) -> _FwdPlan:
+    return _FWD_PLANS.get((meta_key(q), meta_key(k), meta_key(v)), lambda: _FwdPlan(q, k, v))
+
+
 @on_input_device
 def attention_fwd(q, k, v, scale, plan=None, lse=None):
     """(o, lse); `plan`: the call's _FwdPlan where the caller has it; `lse`: a buffer to write the
     log-sum-exp to (a caller that runs no backward passes scratch it keeps)."""
     if plan is None:
-        plan = _FWD_PLANS.get((meta_key(q), meta_key(k), meta_key(v)), lambda: _FwdPlan(q, k, v))
+        plan = _fwd_plan(q, k, v)
     if any(plan.copy):
         q, k, v = (x.contiguous() if c else x for x, c in zip((q, k, v), plan.copy))
     o = q.new_empty(plan.o_size)  # (new_empty: half the host time of torch.empty(..., dtype, device))
@@ -605,7 +609,7 @@ class _Call:
         if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise TypeError(f"scale must be a finite number, got {scale!r}")
         self.scale = float(scale)
-        self.plan = _FwdPlan(q, k, v)
+        self.plan = _fwd_plan(q, k, v)
         self.lse = torch.empty(self.plan.lse_size, dtype=torch.float32, device=q.device)
 
 

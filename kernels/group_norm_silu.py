@@ -504,14 +504,17 @@ def _hw_stride(x: torch.Tensor) -> int:
 _FWD_PLANS = Plans()
 
 
+def _fwd_plan(x, num_groups, add, split) -> _FwdPlan:
+    return _FWD_PLANS.get((meta_key(x), meta_key(add), num_groups, split), lambda: _FwdPlan(x, num_groups, add, split))
+
+
 @on_input_device
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None, plan=None, stats=None):
     """y, mean, rstd. `split` overrides the plan (0: one kernel; k: statistics over k chunks);
     `plan`: the call's _FwdPlan where the caller has it; `stats`: (mean, rstd) buffers to write
     (a caller that will not read them passes scratch it keeps)."""
     if plan is None or split is not None:
-        key = (meta_key(x), meta_key(add), num_groups, split)
-        plan = _FWD_PLANS.get(key, lambda: _FwdPlan(x, num_groups, add, split))
+        plan = _fwd_plan(x, num_groups, add, split)
     y = x.new_empty_strided(plan.y_size, plan.y_stride)  # half the host time of torch.empty_strided
     if stats is None:
         mean = x.new_empty(plan.stats_shape, dtype=torch.float32)
@@ -648,7 +651,7 @@ class _Call:
         C = x.shape[1]
         self.weight = torch.ones(C, device=x.device) if weight is None else None
         self.bias = torch.zeros(C, device=x.device) if bias is None else None
-        self.plan = _FwdPlan(x, num_groups, add, None)
+        self.plan = _fwd_plan(x, num_groups, add, None)
         mean = torch.empty(self.plan.stats_shape, dtype=torch.float32, device=x.device)
         self.stats = mean, torch.empty_like(mean)
 
