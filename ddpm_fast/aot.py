@@ -155,6 +155,9 @@ def _target(cap: int):
         driver._active = saved
 
 
+CONFIG_KEYS = ("BLOCK", "GB", "SPLIT", "R_CHUNK")  # the constexprs a report row shows as its config
+
+
 def compile_launches(launches: dict, cap: int) -> list[dict]:
     """Compile each recorded launch for sm_<cap>; one row per distinct compiled kernel."""
     rows, seen = [], set()
@@ -171,7 +174,7 @@ def compile_launches(launches: dict, cap: int) -> list[dict]:
             info.update(name=kernel.name, cap=cap, num_warps=kernel.metadata.num_warps,
                         num_stages=kernel.metadata.num_stages, shared_meta=kernel.metadata.shared,
                         mma=_matrix_unit(kernel.asm["ptx"]), tuned=tuned,
-                        config={k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "GB", "SPLIT"))})  # fmt: skip
+                        config={k: v for k, v in kwargs.items() if k.startswith(CONFIG_KEYS)})  # fmt: skip
             key = json.dumps(info, sort_keys=True, default=str)
             if key not in seen:
                 seen.add(key)

@@ -159,11 +159,13 @@ def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
             tuple(u.unsqueeze(1) for u in qkv.chunk(3, dim=-1)), randn(B, 1, L, d), (0, 1, 2),
             names=("out", "dq", "dk", "dv"),
         ))  # fmt: skip
-        if dtype == torch.float32:  # head dims where float32 runs as 3xTF32 on tensor cores (TF32 off)
+        # float32 with TF32 off runs as 3xTF32 on tensor cores: the case above with its head dim split over
+        # programs (chunks of 128 forward, 64 backward), this one at a head dim held whole
+        if dtype == torch.float32:
             B2, H2, L2, d2 = (1, 2, 16, 32) if small else (16, 4, 256, 64)
             qkv2 = randn(B2, L2, 3 * H2 * d2, dtype=dtype).view(B2, L2, 3 * H2, d2).transpose(1, 2)
             cases.append(_case(
-                "attention fwd+bwd, 3xTF32 head dim", f"({B2}, {H2}, {L2}, {d2}) token-major", dtype, kernels.attention,
+                "attention fwd+bwd, several heads", f"({B2}, {H2}, {L2}, {d2}) token-major", dtype, kernels.attention,
                 reference.attention, tuple(qkv2.chunk(3, dim=1)), randn(B2, H2, L2, d2), (0, 1, 2),
                 names=("out", "dq", "dk", "dv"),
             ))  # fmt: skip

@@ -22,8 +22,10 @@ Contract
   dim and dtype, keyed on (L, d, d_v, the head-dim strides, dtype); the interpreter runs one
   fixed tile. Scores, softmax and accumulation in float32. float32 inputs multiply on tensor
   cores: in TF32 where torch allows it for the eager matmul too (torch.backends.cuda.matmul.fp32_precision
-  or the legacy allow_tf32: _common.tf32_matmul), else as 3xTF32 (float32-level error) up to head
-  dim 128 forward, 64 backward; above (where 3xTF32's tiles spill) in IEEE float32 on the FMA units.
+  or the legacy allow_tf32: _common.tf32_matmul), else as 3xTF32 (float32-level error) at every
+  head dim: past 128 in the forward and 64 in the backward (where a 3xTF32 tile holding the whole
+  head dim spills registers) the kernels run chunked, the head dim split over programs at 256
+  (TF32X3_CHUNKED).
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
@@ -37,9 +39,11 @@ Contract
   B * H > 65,535; every autotune config compiles for sm_80 and sm_90 without spills and within
   shared memory (python -m ddpm_fast.aot, tests/test_compile.py).
 
-FLOPs: forward 4 B H L^2 d (two matmuls), backward 10 B H L^2 d (five, one the recompute).
+FLOPs: forward 4 B H L^2 d (two matmuls), backward 10 B H L^2 d (five, one the recompute); a
+split kernel recomputes its products over the whole head dim once per program (TF32X3_CHUNKED).
 Traffic: reads q, k, v once per query block and writes the output: O(B H L d), where the
-eager path writes and reads the (B, H, L, L) scores and probabilities several times.
+eager path writes and reads the (B, H, L, L) scores and probabilities several times (a split
+kernel's programs of one block are neighbours in the grid: their re-reads are L2 hits).
 """
 
 import math
@@ -73,6 +77,26 @@ def _mm(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _mm_chunked(
+    a_ptr, a_rows, a_valid, stride_ar, stride_ak, b_ptr, b_rows, b_valid, stride_br, stride_bk, K,
+    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+):  # fmt: skip
+    """a[a_rows, :K] @ b[b_rows, :K]^T in float32, CHUNK columns of the head dim at a time, each
+    chunk loaded where it is used (from L1/L2 after its first read): the split kernels' product
+    over the whole head dim without holding a (rows, head dim) tile of either operand."""
+    acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), tl.float32)
+    for c in tl.static_range(0, BLOCK_K, CHUNK):
+        offs_k = c + tl.arange(0, CHUNK)
+        k_valid = offs_k < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + offs_k[None, :] * stride_ak,
+                    mask=a_valid[:, None] & k_valid[None, :], other=0.0)  # fmt: skip
+        bT = tl.load(b_ptr + b_rows[None, :] * stride_br + offs_k[:, None] * stride_bk,
+                     mask=b_valid[None, :] & k_valid[:, None], other=0.0)  # fmt: skip
+        acc += _mm(a, bT, DOT_F32, PRECISION)
+    return acc
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr,
     stride_qb, stride_qh, stride_ql, stride_qd,
@@ -80,32 +104,44 @@ def _attn_fwd_kernel(
     stride_vb, stride_vh, stride_vl, stride_vd,
     H, L, D, DV, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    # One flat grid: the query blocks of one (batch, head) are neighbours, so its K and V stay in L2.
+    # One flat grid: the query blocks of one (batch, head) are neighbours, so its K and V stay in L2;
+    # with SPLIT > 1 the SPLIT programs of one query block (one DV_CHUNK of the output each) too.
     pid = tl.program_id(0)
+    pid_c = 0
+    if SPLIT > 1:
+        pid_c = pid % SPLIT
+        pid = pid // SPLIT
     num_m = tl.cdiv(L, BLOCK_M)
     pid_bh, pid_m = pid // num_m, pid % num_m
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q_mask = (offs_m < L)[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0)  # fmt: skip
-    kT_ptrs = K_ptr + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
+    offs_dv = pid_c * DV_CHUNK + tl.arange(0, DV_CHUNK)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    if R_CHUNK == 0:
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=(offs_m < L)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+    kT_ptrs = k_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
     v_ptrs = V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd
 
     # Running row max (base-2 units), running sum of exponentials and output accumulator.
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_DV), tl.float32)
+    acc = tl.zeros((BLOCK_M, DV_CHUNK), tl.float32)
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
-        kT = tl.load(kT_ptrs + start_n * stride_kl, mask=(kn < L)[None, :] & (offs_d < D)[:, None], other=0.0)
         # s = q k^T * scale * log2(e): exp2 of it is exp of the scaled score.
-        s = _mm(q, kT, DOT_F32, PRECISION) * qk_scale
+        if R_CHUNK == 0:
+            kT = tl.load(kT_ptrs + start_n * stride_kl, mask=(kn < L)[None, :] & (offs_d < D)[:, None], other=0.0)
+            s = _mm(q, kT, DOT_F32, PRECISION) * qk_scale
+        else:
+            s = _mm_chunked(q_base, offs_m, offs_m < L, stride_ql, stride_qd, k_base, kn, kn < L, stride_kl, stride_kd,
+                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
         if not EVEN_N:
             s = tl.where((kn < L)[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -119,7 +155,8 @@ def _attn_fwd_kernel(
     acc = acc / l_i[:, None]
     o_ptrs = O_ptr + pid_bh.to(tl.int64) * L * DV + offs_m[:, None] * DV + offs_dv[None, :]
     tl.store(o_ptrs, acc.to(O_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & (offs_dv < DV)[None, :])
-    tl.store(LSE_ptr + pid_bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=offs_m < L)  # base 2
+    # base 2; with SPLIT > 1 every program of the query block has the same, the first writes it
+    tl.store(LSE_ptr + pid_bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=(offs_m < L) & (pid_c == 0))
 
 
 @triton.jit
@@ -153,26 +190,36 @@ def _attn_bwd_dkdv_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     H, L, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr,
     EVEN_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    pid_c = 0
+    if SPLIT > 1:  # SPLIT programs per key block, one D_CHUNK of dK and one DV_CHUNK of dV each
+        pid_c = pid % SPLIT
+        pid = pid // SPLIT
     num_n = tl.cdiv(L, BLOCK_N)
     pid_bh, pid_n = pid // num_n, pid % num_n
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d = pid_c * D_CHUNK + tl.arange(0, D_CHUNK)
+    offs_dv = pid_c * DV_CHUNK + tl.arange(0, DV_CHUNK)
     n_valid = offs_n < L
     row_base = pid_bh.to(tl.int64) * L
-    k = tl.load(K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-    v = tl.load(V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                mask=n_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-    q_ptrs = Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
-    do_ptrs = DO_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
-    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
-    dv = tl.zeros((BLOCK_N, BLOCK_DV), tl.float32)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    do_base = DO_ptr + b * stride_dob + h * stride_doh
+    if R_CHUNK == 0:
+        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
+                    mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
+                    mask=n_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+    q_ptrs = q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
+    do_ptrs = do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
+    dk = tl.zeros((BLOCK_N, D_CHUNK), tl.float32)
+    dv = tl.zeros((BLOCK_N, DV_CHUNK), tl.float32)
     for start_m in range(0, L, BLOCK_M):
         qm = start_m + offs_m
         m_valid = qm < L
@@ -181,14 +228,22 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(LSE_ptr + row_base + qm, mask=m_valid, other=0.0)
         delta = tl.load(DELTA_ptr + row_base + qm, mask=m_valid, other=0.0)
         # P recomputed from the saved log-sum-exp: no running max needed.
-        s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
+        if R_CHUNK == 0:
+            s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
+        else:
+            s = _mm_chunked(q_base, qm, m_valid, stride_ql, stride_qd, k_base, offs_n, n_valid, stride_kl, stride_kd,
+                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
         p = tl.exp2(s - lse[:, None])
         if EVEN_M:
             p = tl.where(n_valid[None, :], p, 0.0)
         else:
             p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
         dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_F32, PRECISION)
-        dp = _mm(do, tl.trans(v), DOT_F32, PRECISION)
+        if R_CHUNK == 0:
+            dp = _mm(do, tl.trans(v), DOT_F32, PRECISION)
+        else:
+            dp = _mm_chunked(do_base, qm, m_valid, stride_dol, stride_dod, v_base, offs_n, n_valid, stride_vl,
+                             stride_vd, DV, BLOCK_DV, R_CHUNK, DOT_F32, PRECISION)  # fmt: skip
         ds = p * (dp - delta[:, None])
         dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_F32, PRECISION)
     out = pid_bh.to(tl.int64) * L
@@ -207,37 +262,54 @@ def _attn_bwd_dq_kernel(
     stride_dob, stride_doh, stride_dol, stride_dod,
     H, L, D, DV, qk_scale, scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    SPLIT: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr,
     EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
+    pid_c = 0
+    if SPLIT > 1:  # SPLIT programs per query block, one D_CHUNK of dQ each
+        pid_c = pid % SPLIT
+        pid = pid // SPLIT
     num_m = tl.cdiv(L, BLOCK_M)
     pid_bh, pid_m = pid // num_m, pid % num_m
     b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_d = pid_c * D_CHUNK + tl.arange(0, D_CHUNK)
     m_valid = offs_m < L
     row_base = pid_bh.to(tl.int64) * L
-    q = tl.load(Q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-    do_ptrs = DO_ptr + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
-    do = tl.load(do_ptrs, mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
+    q_base = Q_ptr + b * stride_qb + h * stride_qh
+    k_base = K_ptr + b * stride_kb + h * stride_kh
+    v_base = V_ptr + b * stride_vb + h * stride_vh
+    do_base = DO_ptr + b * stride_dob + h * stride_doh
+    if R_CHUNK == 0:
+        offs_dv = tl.arange(0, BLOCK_DV)
+        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
+                    mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
+        do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
+                     mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
+        vT_ptrs = v_base + offs_n[None, :] * stride_vl + offs_dv[:, None] * stride_vd
     lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_valid, other=0.0)
     delta = tl.load(DELTA_ptr + row_base + offs_m, mask=m_valid, other=0.0)
-    k_ptrs = K_ptr + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
-    vT_ptrs = V_ptr + b * stride_vb + h * stride_vh + offs_n[None, :] * stride_vl + offs_dv[:, None] * stride_vd
-    dq = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
+    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
+    dq = tl.zeros((BLOCK_M, D_CHUNK), tl.float32)
     for start_n in range(0, L, BLOCK_N):
         kn = start_n + offs_n
         n_valid = kn < L
         k = tl.load(k_ptrs + start_n * stride_kl, mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)
-        vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :] & (offs_dv < DV)[:, None], other=0.0)
-        s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
+        if R_CHUNK == 0:
+            vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :] & (offs_dv < DV)[:, None], other=0.0)
+            s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
+            dp = _mm(do, vT, DOT_F32, PRECISION)
+        else:
+            s = _mm_chunked(q_base, offs_m, m_valid, stride_ql, stride_qd, k_base, kn, n_valid, stride_kl, stride_kd,
+                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
+            dp = _mm_chunked(do_base, offs_m, m_valid, stride_dol, stride_dod, v_base, kn, n_valid, stride_vl,
+                             stride_vd, DV, BLOCK_DV, R_CHUNK, DOT_F32, PRECISION)  # fmt: skip
         p = tl.exp2(s - lse[:, None])
         if not EVEN_N:
             p = tl.where(n_valid[None, :], p, 0.0)
-        ds = p * (_mm(do, vT, DOT_F32, PRECISION) - delta[:, None])
+        ds = p * (dp - delta[:, None])
         dq += _mm(ds.to(k.dtype), k, DOT_F32, PRECISION)
     tl.store(DQ_ptr + (row_base + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ_ptr.dtype.element_ty),
              mask=m_valid[:, None] & (offs_d < D)[None, :])  # fmt: skip
@@ -245,9 +317,13 @@ def _attn_bwd_dq_kernel(
 
 # -- configurations: a short list per (dtype class, head dim, GPU generation), autotuned on a GPU ------
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages). "half" runs on tensor cores; "float32" as 3xTF32,
-# TF32 or IEEE (see _precision), holding bigger tiles in registers: smaller tiles, and entries
-# that only one precision compiles clean (spill_free keeps, per launch, those clean at its own).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages). "half" runs on tensor cores; "float32" as 3xTF32 or
+# TF32 (see _precision), holding bigger tiles in registers: smaller tiles, and entries that only
+# one precision compiles clean (spill_free keeps, per launch, those clean at its own). The
+# ("float32", d, "chunked") lists are the chunked 3xTF32 kernels' (TF32X3_CHUNKED): tiles of 16-32
+# by 16-32, 4 or 8 warps, compiled for sm_80 and sm_90 under Triton 3.6 and 3.8 at 256 and 49
+# tokens, token-major and transposed; the first entry of each is clean in all of those, the
+# second under 3.8 (3.6 spills 8-24 B in it, pruned on the GPU).
 # The list for a head dim (padded to a power of two, at least 64) holds
 # every configuration the autotuner may pick on that GPU generation: sm80 (A100, and any GPU
 # before Hopper) and sm90 (H100, and newer), which allocate registers differently (a tile that
@@ -267,6 +343,7 @@ FWD_CONFIGS = {
         # Triton 3.6 spills 16-24 B in the first; 3xTF32 under 3.6 spills in both: the last two for it
         ("float32", 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(64, 16, 8, 2)],
+        ("float32", 256, "chunked"): [(16, 16, 8, 2), (16, 32, 8, 2)],
     },
     "sm90": {
         ("half", 64): [(128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
@@ -276,6 +353,7 @@ FWD_CONFIGS = {
         # Triton 3.8 spills 8 B in the first; 3xTF32 under 3.6 spills in both: the last two for it
         ("float32", 128): [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+        ("float32", 256, "chunked"): [(16, 16, 8, 2), (16, 32, 8, 2)],
     },
 }
 # Backward: the dK/dV kernel (BLOCK_N keys per program, looping over BLOCK_M queries) and the dQ
@@ -288,6 +366,8 @@ DKDV_CONFIGS = {
         ("float32", 64): [(16, 32, 4, 1), (16, 16, 4, 1)],
         ("float32", 128): [(32, 32, 8, 1), (16, 32, 4, 1)],
         ("float32", 256): [(16, 16, 8, 1)],
+        ("float32", 128, "chunked"): [(16, 32, 8, 1)],
+        ("float32", 256, "chunked"): [(16, 32, 8, 1)],
     },
     "sm90": {
         ("half", 64): [(64, 64, 8, 2), (64, 64, 4, 3)],
@@ -296,6 +376,8 @@ DKDV_CONFIGS = {
         ("float32", 64): [(32, 32, 8, 1), (16, 32, 4, 1)],
         ("float32", 128): [(16, 16, 4, 1)],
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
+        ("float32", 128, "chunked"): [(16, 32, 8, 1)],
+        ("float32", 256, "chunked"): [(16, 32, 8, 1)],
     },
 }
 DQ_CONFIGS = {
@@ -306,6 +388,8 @@ DQ_CONFIGS = {
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 4, 1)],
         ("float32", 128): [(32, 32, 4, 1), (32, 16, 4, 1)],
         ("float32", 256): [(16, 16, 4, 1)],
+        ("float32", 128, "chunked"): [(32, 16, 8, 1), (16, 32, 8, 1)],
+        ("float32", 256, "chunked"): [(16, 32, 8, 1), (32, 16, 8, 1)],
     },
     "sm90": {
         ("half", 64): [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
@@ -314,6 +398,8 @@ DQ_CONFIGS = {
         ("float32", 64): [(64, 32, 8, 1), (32, 32, 8, 1)],
         ("float32", 128): [(16, 32, 8, 1), (16, 64, 8, 1)],
         ("float32", 256): [(16, 32, 8, 2), (16, 16, 4, 2)],
+        ("float32", 128, "chunked"): [(32, 16, 8, 1), (16, 32, 8, 1)],
+        ("float32", 256, "chunked"): [(16, 32, 8, 1), (32, 16, 8, 1)],
     },
 }
 
@@ -332,8 +418,11 @@ def _arch() -> str:
     return "sm90" if driver.active.get_current_target().arch >= 90 else "sm80"
 
 
-def _table_key(dtype: torch.dtype, block_d: int) -> tuple[str, int]:
-    return ("float32" if dtype == torch.float32 else "half", max(64, block_d))
+def _table_key(dtype: torch.dtype, block_d: int, chunked: bool = False) -> tuple:
+    """A table's key: (dtype class, head dim padded to a power of two >= 64), and "chunked" for
+    the chunked 3xTF32 kernels (see TF32X3_CHUNKED), whose tiles hold less."""
+    key = ("float32" if dtype == torch.float32 else "half", max(64, block_d))
+    return (*key, "chunked") if chunked else key
 
 
 def _configs(tables) -> list:
@@ -350,7 +439,8 @@ def _configs(tables) -> list:
 
 def _pruner(tables, kernel):
     def prune(configs, named_args, **kwargs):
-        key = (_arch(), *_table_key(named_args["Q_ptr"].dtype, max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])))
+        block = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
+        key = (_arch(), *_table_key(named_args["Q_ptr"].dtype, block, kwargs["R_CHUNK"] > 0))
         return spill_free(kernel, [c for c in configs if c.table == key], named_args, kwargs)
 
     return prune
@@ -381,8 +471,8 @@ def spill_free(kernel, configs, named_args, kwargs):
     return clean or configs
 
 
-def _fixed(tables, dtype: torch.dtype, block_d: int) -> dict:
-    m, n, warps, stages = tables[_arch()][_table_key(dtype, block_d)][0]
+def _fixed(tables, dtype: torch.dtype, block_d: int, chunked: bool = False) -> dict:
+    m, n, warps, stages = tables[_arch()][_table_key(dtype, block_d, chunked)][0]
     return dict(BLOCK_M=m, BLOCK_N=n, num_warps=warps, num_stages=stages)
 
 
@@ -412,7 +502,7 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
     """Launch over a flat grid of `programs(BLOCK)` programs: autotuned on a GPU, one fixed
     tile under the interpreter."""
     if interpreter_on():
-        cfg = _fixed(table, dtype, block_d)
+        cfg = _fixed(table, dtype, block_d, meta["R_CHUNK"] > 0)
         fixed_fn[(programs(cfg),)](*args, **meta, **cfg)
     else:
         tuned_fn[lambda cfg: (programs(cfg),)](*args, **meta)
@@ -423,28 +513,44 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
 
 # 3xTF32 needs the high and low TF32 parts of each operand tile live at once: about twice the
 # registers of one float32 tile. Searched by compiling for sm_80 and sm_90 (tiles of 16-64 by
-# 16-64, 4-16 warps, 1-2 stages) at 256 and 49 tokens, token-major and transposed: the forward
-# has spill-free 3xTF32 tiles up to head dim 128 under Triton 3.6 and 3.8 (the entries marked so);
-# the backward up to 64 (at 128, 3.8 compiles some tiles clean but 3.6's dQ kernel spills 8-184 B
-# in every one tried on sm_90); at 256 (the paper's U-Net) every tile spills, 0.1-17 KB per
-# thread. Beyond these the float32 dots stay IEEE (FMA), or TF32 where allowed.
-TF32X3_MAX_HEAD_DIM = {"fwd": 128, "bwd": 64}
+# 16-64, 4-16 warps, 1-2 stages) at 256 and 49 tokens, token-major and transposed: a tile holding
+# the whole head dim compiles without spilling under Triton 3.6 and 3.8 up to head dim 128 in the
+# forward and 64 in the backward (at 128, 3.6's sm_90 dQ kernel spills 8-184 B in every tile
+# tried; at 256 every tile of every kernel spills, 0.1-17 KB per thread). Past these the kernels
+# run "chunked": the products over the head dim (q k^T, and dO v^T in the backward) are summed
+# R_CHUNK columns at a time, loaded where used (_mm_chunked), and where the accumulators
+# themselves are too big the head dim of the outputs is split over SPLIT programs per block of
+# rows. A split kernel recomputes the products over the whole head dim once per program: at
+# d = 256 the forward does 1.5x the MMAs of an unsplit one, the backward 1.6x.
+TF32X3_HOLD = {"fwd": 128, "bwd": 64}
+TF32X3_CHUNKED = {"fwd": {256: (2, 128)}, "bwd": {128: (1, 64), 256: (2, 64)}}  # head dim -> (SPLIT, R_CHUNK)
 
 
-def _precision(dtype: torch.dtype, block_d: int, kernel: str) -> tuple[bool, str]:
-    """(DOT_F32, PRECISION) for `kernel` ("fwd" or "bwd") at padded head dim `block_d`. float32
-    runs on tensor cores where it can: "tf32" where torch lets its own float32 matmuls use TF32
-    (_common.tf32_matmul), else "tf32x3" up to TF32X3_MAX_HEAD_DIM (each operand split into a
-    TF32 high part and a TF32 remainder, three MMAs: a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi,
-    float32-level error, where IEEE FMA dots run at a fraction of cuBLAS), else "ieee". The
-    interpreter computes every dot in IEEE float32 whatever the precision (numpy), so its tests
-    check the rest of the kernel; 3xTF32's arithmetic itself is checked on a CPU by an eager
-    emulation (tests/test_attention.py) and on a GPU by `ddpm-fast check`."""
+def _precision(dtype: torch.dtype) -> tuple[bool, str]:
+    """(DOT_F32, PRECISION). float32 runs on tensor cores: "tf32" where torch lets its own
+    float32 matmuls use TF32 (_common.tf32_matmul), else "tf32x3" (each operand split into a TF32
+    high part and a TF32 remainder, three MMAs: a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi,
+    float32-level error, where IEEE FMA dots run at a fraction of cuBLAS). The interpreter
+    computes every dot in IEEE float32 whatever the precision (numpy), so its tests check the
+    rest of the kernel (the chunked kernels included); 3xTF32's arithmetic itself is checked on a CPU by an
+    eager emulation (tests/test_attention.py) and on a GPU by `ddpm-fast check`."""
     if dtype != torch.float32:
         return dtype == torch.bfloat16 and interpreter_on(), "ieee"  # half dots: precision unused
     if not interpreter_on() and tf32_matmul():
         return False, "tf32"
-    return False, "tf32x3" if block_d <= TF32X3_MAX_HEAD_DIM[kernel] else "ieee"
+    return False, "tf32x3"
+
+
+def _split(precision: str, block_d: int, block_dv: int, kernel: str) -> dict:
+    """SPLIT, D_CHUNK, DV_CHUNK (the head dims of one program's outputs) and R_CHUNK (0: the head
+    dim held whole) for `kernel` ("fwd" or "bwd"): 3xTF32 past TF32X3_HOLD runs chunked
+    (TF32X3_CHUNKED; output chunks of at least 16, tl.dot's least K, a chunk past a short head
+    dim masked out); everything else holds its tiles whole."""
+    block = max(block_d, block_dv)
+    if precision != "tf32x3" or block <= TF32X3_HOLD[kernel]:
+        return dict(SPLIT=1, D_CHUNK=block_d, DV_CHUNK=block_dv, R_CHUNK=0)
+    split, r_chunk = TF32X3_CHUNKED[kernel][block]
+    return dict(SPLIT=split, D_CHUNK=max(16, block_d // split), DV_CHUNK=max(16, block_dv // split), R_CHUNK=r_chunk)
 
 
 def _reads_well(x: torch.Tensor) -> bool:
@@ -474,10 +580,20 @@ class _FwdPlan:
         self.ints = (*strides[0], *strides[1], *strides[2], H, L, D, DV)
         self.block_d, self.block_dv = _block_d(D), _block_d(DV)
         self.programs, self.L = B * H, L
-        self.dtype, self.fixed = q.dtype, None  # the interpreter's one tile, looked up at its first launch
-        programs = self.programs
-        self.grid = lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]),)
-        self.metas = {}  # precision -> the launch's constexprs
+        self.dtype = q.dtype
+        self.launches = {}  # precision -> (constexprs, grid)
+
+    def launch(self, precision):
+        """The launch's constexprs and grid at `precision` ((DOT_F32, PRECISION): TF32 may be
+        switched between calls)."""
+        found = self.launches.get(precision)
+        if found is None:
+            dot_f32, prec = precision
+            meta = dict(BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, DOT_F32=dot_f32, PRECISION=prec)
+            meta.update(_split(prec, self.block_d, self.block_dv, "fwd"))
+            programs, L, split = self.programs, self.L, meta["SPLIT"]
+            found = self.launches[precision] = (meta, lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]) * split,))
+        return found
 
 
 _FWD_PLANS = Plans()
@@ -500,19 +616,12 @@ def attention_fwd(q, k, v, scale, plan=None, lse=None):
         lse = q.new_empty(plan.lse_size, dtype=torch.float32)
     if plan.empty:
         return o, lse
-    precision = _precision(q.dtype, max(plan.block_d, plan.block_dv), "fwd")
-    meta = plan.metas.get(precision)
-    if meta is None:
-        dot_f32, prec = precision
-        meta = plan.metas[precision] = dict(BLOCK_D=plan.block_d, BLOCK_DV=plan.block_dv, DOT_F32=dot_f32,
-                                            PRECISION=prec)  # fmt: skip
-    if interpreter_on():
-        if plan.fixed is None:
-            plan.fixed = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv))
-        cfg = plan.fixed
-        _attn_fwd[plan.grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta, **cfg)
+    meta, grid = plan.launch(_precision(q.dtype))
+    if interpreter_on():  # the interpreter's one tile, looked up here: plans are shared with GPU launches
+        cfg = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv), meta["R_CHUNK"] > 0)
+        _attn_fwd[grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta, **cfg)
     else:
-        _attn_fwd_tuned[plan.grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta)
+        _attn_fwd_tuned[grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta)
     return o, lse
 
 
@@ -531,14 +640,17 @@ def attention_bwd(do, q, k, v, o, lse, scale):
     _attn_bwd_preprocess_kernel[(B * H * triton.cdiv(L, 64),)](
         o, do, delta, *do.stride(), H, L, DV, BLOCK_M=64, BLOCK_DV=block_dv, num_warps=4,
     )  # fmt: skip
-    dot_f32, precision = _precision(q.dtype, max(block_d, block_dv), "bwd")
+    dot_f32, precision = _precision(q.dtype)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, L, D, DV, scale * LOG2E, scale)
     meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
-    bd = max(block_d, block_dv)
-    _launch(_attn_dkdv, _attn_dkdv_tuned, DKDV_CONFIGS, q.dtype, bd, lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_N"]),
-            (q, k, v, do, lse, delta, dk, dv, *args), meta)  # fmt: skip
-    _launch(_attn_dq, _attn_dq_tuned, DQ_CONFIGS, q.dtype, bd, lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_M"]),
-            (q, k, v, do, lse, delta, dq, *args), meta)  # fmt: skip
+    meta.update(_split(precision, block_d, block_dv, "bwd"))
+    bd, split = max(block_d, block_dv), meta["SPLIT"]
+    _launch(_attn_dkdv, _attn_dkdv_tuned, DKDV_CONFIGS, q.dtype, bd,
+            lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_N"]) * split, (q, k, v, do, lse, delta, dk, dv, *args),
+            meta)  # fmt: skip
+    _launch(_attn_dq, _attn_dq_tuned, DQ_CONFIGS, q.dtype, bd,
+            lambda cfg: B * H * triton.cdiv(L, cfg["BLOCK_M"]) * split, (q, k, v, do, lse, delta, dq, *args),
+            meta)  # fmt: skip
     return dq, dk, dv
 
 

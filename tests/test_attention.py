@@ -111,6 +111,30 @@ def test_non_contiguous_upstream_gradients(grad_kind):
     check(q, k, v, grad, torch.float32)
 
 
+@pytest.mark.parametrize(
+    "d, dv, L, layout",
+    [(128, 128, 17, "contiguous"), (200, 72, 20, "strided"), (256, 32, 32, "transposed")],
+)
+def test_chunked_head_dims(monkeypatch, d, dv, L, layout):
+    """float32 without TF32 (3xTF32) runs chunked past TF32X3_HOLD (forward d > 128, backward
+    d > 64): q k^T and dO v^T summed a chunk of the head dim at a time, and at d > 128 each
+    block of rows split over programs that write one chunk of the outputs' head dim each. Odd
+    dims, a value dim that differs (chunks past it masked out), strided and transposed inputs."""
+    import importlib
+
+    attention_module = importlib.import_module("ddpm_fast.kernels.attention")
+    for cache in ("_FWD_PLANS", "_CALLS"):  # plans made before this test would not ask _split again
+        monkeypatch.setattr(attention_module, cache, type(getattr(attention_module, cache))())
+    launched = []
+    split = attention_module._split
+    monkeypatch.setattr(attention_module, "_split", lambda *a: launched.append((a[-1], split(*a))) or launched[-1][1])
+    q, k = qkv(2, 1, L, d, torch.float32, layout)[:2]
+    v = qkv(2, 1, L, dv, torch.float32, layout)[0]
+    check(q, k, v, torch.randn(2, 1, L, dv), torch.float32)
+    used = {kernel: (meta["SPLIT"], meta["R_CHUNK"] > 0) for kernel, meta in launched}
+    assert used == {"fwd": (2, True) if d > 128 else (1, False), "bwd": (2 if d > 128 else 1, True)}, launched
+
+
 def test_value_dim_and_scale_can_differ():
     q, k = qkv(2, 1, 20, 16, torch.float32)[:2]
     v = torch.randn(2, 1, 20, 40)
@@ -188,24 +212,24 @@ def _mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi
 
 
-@pytest.mark.parametrize("d", [32, 64, 128])
+@pytest.mark.parametrize("d", [32, 64, 128, 256])
 def test_3xtf32_dots_hold_float32_accuracy(d):
     """The part of float32 attention the interpreter cannot run (its dots are IEEE whatever the
-    precision): on a GPU with TF32 off, float32 attention multiplies as 3xTF32 up to
-    TF32X3_MAX_HEAD_DIM. Emulated bit for bit in its rounding (not in the MMA's accumulation
-    order), attention over 256 tokens holds the float32 tolerance against float64, where a
-    single TF32 product does not: so the choice keeps the float32 contract. The compiled kernel
-    itself is held to the same tolerance on a GPU (these tests' float32 cases there, and
-    `ddpm-fast check`)."""
-    from ddpm_fast.kernels.attention import TF32X3_MAX_HEAD_DIM
+    precision): on a GPU with TF32 off, float32 attention multiplies as 3xTF32, q k^T summed over
+    chunks of the head dim where the kernel runs chunked (TF32X3_CHUNKED). Emulated bit for bit
+    in its rounding (not in the MMA's accumulation order), attention over 256 tokens holds the
+    float32 tolerance against float64, where a single TF32 product does not: so the choice keeps
+    the float32 contract. The compiled kernel itself is held to the same tolerance on a GPU
+    (these tests' float32 cases there, and `ddpm-fast check`)."""
+    from ddpm_fast.kernels.attention import TF32X3_CHUNKED, TF32X3_HOLD
 
-    assert d <= TF32X3_MAX_HEAD_DIM["fwd"]
+    chunk = d if d <= TF32X3_HOLD["fwd"] else TF32X3_CHUNKED["fwd"][d][1]
     q, k, v = (t.float() for t in qkv(2, 1, 256, d, torch.float32, "token_major"))
     expected = attention64(q.double(), k.double(), v.double())
 
     def attention_with(mm):
-        p = torch.softmax(mm(q, k.transpose(-1, -2)) * d**-0.5, dim=-1)
-        return mm(p, v)
+        scores = sum(mm(q[..., c : c + chunk], k[..., c : c + chunk].transpose(-1, -2)) for c in range(0, d, chunk))
+        return mm(torch.softmax(scores * d**-0.5, dim=-1), v)
 
     torch.testing.assert_close(attention_with(_mm_3xtf32).double(), expected, **TOL[torch.float32])
     with pytest.raises(AssertionError):  # one TF32 product per dot: ~1e-3 off

@@ -119,6 +119,19 @@ def test_half_attention_runs_on_tensor_cores_and_hopper_uses_wgmma(reports):
         assert all(k["num_stages"] >= 2 and k["config"]["BLOCK_M"] >= 64 for k in fwd), [k["config"] for k in fwd]
 
 
+def test_float32_attention_runs_on_tensor_cores_at_every_head_dim(reports):
+    """float32 attention multiplies on the tensor cores (3xTF32 with TF32 off, TF32 with it on):
+    every configuration compiled, forward and backward, head dims 32 to 256 (the U-Net's 256 in
+    the chunked kernels), has mma or wgmma in its PTX; none is left on the FMA units."""
+    for cap in CAPS:
+        rows = [k for k in reports[cap]["kernels"] if k.get("dtype") == "float32" and "error" not in k
+                and k["name"] in ("_attn_fwd_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel")]  # fmt: skip
+        assert {k["config"]["BLOCK_D"] for k in rows} >= {32, 64, 128, 256}, cap
+        assert any(k["config"].get("R_CHUNK") for k in rows), cap  # the chunked kernels were compiled
+        fma = [(k["name"], k["config"]) for k in rows if k["mma"] not in ("mma", "wgmma")]
+        assert not fma, (cap, fma[:5])
+
+
 def test_a_test_folders_own_launches_are_recorded_and_compiled(tmp_path):
     """`python -m ddpm_fast.aot --scenarios tests` runs the on_device tests of a folder with each
     fused op recorded on its Triton path, as a CUDA run launches it, then computed by its eager
