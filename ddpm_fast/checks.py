@@ -5,6 +5,7 @@ argument's name first, so a user sees at once which input is at fault.
 """
 
 import contextlib
+import math
 
 import torch
 
@@ -69,7 +70,7 @@ def check_timesteps(name: str, t, batch: int, num_timesteps: int, device: torch.
     if t.device != device:
         raise ValueError(f"{name} is on {t.device} but the images are on {device}")
     if values and batch and not _compiling():
-        lo, hi = torch.aminmax(t)
+        lo, hi = (v.long() for v in torch.aminmax(t))  # compared in int64: 1000 does not fit an int8 or uint8
         if bool((lo < low) | (hi >= num_timesteps)):  # the one sync; the message below only on failure
             raise ValueError(f"{name} must lie in [{low}, {num_timesteps}), got values from {int(lo)} to {int(hi)}")
 
@@ -147,8 +148,10 @@ def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, pr
             raise ValueError("t_prev must be smaller than t for every sample")
 
 
-def check_group_norm(x, num_groups, weight, bias, add) -> None:
+def check_group_norm(x, num_groups, weight, bias, add, eps=None) -> None:
     check_float("x", x, min_ndim=3)
+    if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):
+        raise ValueError(f"eps must be a positive finite number (it keeps 1/sqrt(var + eps) finite), got {eps!r}")
     channels = x.shape[1]
     if not isinstance(num_groups, int) or num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must be a positive int dividing the {channels} channels of x, got {num_groups!r}")

@@ -34,7 +34,9 @@ def gather(a: torch.Tensor, t: torch.Tensor, shape, dtype=torch.float32) -> torc
 
 
 def clamp_t(t: torch.Tensor, num_timesteps: int, check_t: bool, low: int = 0) -> torch.Tensor:
-    """t itself once checked; clamped into [low, num_timesteps) when the caller skipped the check."""
+    """t (as int64: gather's index dtype) once checked; clamped into [low, num_timesteps) when the
+    caller skipped the check."""
+    t = t.long()
     return t if check_t else t.clamp(low, num_timesteps - 1)
 
 
@@ -167,7 +169,7 @@ def ddim_step(
 
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, add=None):
     """silu(GroupNorm(x + add[:, :, None, None]) * weight + bias) for x of shape (B, C, ...)."""
-    checks.check_group_norm(x, num_groups, weight, bias, add)
+    checks.check_group_norm(x, num_groups, weight, bias, add, eps)
     if add is not None:
         x = x + add.reshape(*add.shape, *((1,) * (x.ndim - 2))).to(x.dtype)
     return F.silu(F.group_norm(x, num_groups, weight, bias, eps))
@@ -176,7 +178,7 @@ def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, add=None):
 def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
     """GroupNorm(x) * weight + bias: torch.nn.functional.group_norm (the same kernel family with
     the activation off: the attention block's norm)."""
-    checks.check_group_norm(x, num_groups, weight, bias, None)
+    checks.check_group_norm(x, num_groups, weight, bias, None, eps)
     return F.group_norm(x, num_groups, weight, bias, eps)
 
 

@@ -90,5 +90,6 @@ def schedule_buffers(betas: torch.Tensor, variance_type: str = "fixed_small") ->
 
 
 def extract(a: torch.Tensor, t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """a[t] for each sample, shaped (B, 1, 1, ...) to broadcast against `shape`."""
-    return a.gather(0, t).reshape(t.shape[0], *((1,) * (len(shape) - 1)))
+    """a[t] for each sample, shaped (B, 1, 1, ...) to broadcast against `shape`; t of any integer
+    dtype (gather takes int64 indices: int8 or uint8 t are widened)."""
+    return a.gather(0, t.long()).reshape(t.shape[0], *((1,) * (len(shape) - 1)))

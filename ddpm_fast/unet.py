@@ -359,8 +359,13 @@ class UNet(nn.Module):
 
 
 def _check_config(cfg: UNetConfig) -> None:
-    if cfg.in_channels < 1:
-        raise ValueError(f"in_channels must be positive, got {cfg.in_channels}")
+    for name in ("in_channels", "image_size", "ch", "num_groups", "num_res_blocks"):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "num_res_blocks" else 1):
+            low = "an int >= 0" if name == "num_res_blocks" else "a positive int"
+            raise ValueError(f"{name} must be {low}, got {value!r}")
+    if cfg.out_channels is not None and (not isinstance(cfg.out_channels, int) or cfg.out_channels < 1):
+        raise ValueError(f"out_channels must be a positive int (or None: in_channels), got {cfg.out_channels!r}")
     if not cfg.ch_mult or any(m < 1 for m in cfg.ch_mult):
         raise ValueError(f"ch_mult must be a non-empty tuple of positive ints, got {cfg.ch_mult}")
     if cfg.ch % 2:
@@ -376,5 +381,5 @@ def _check_config(cfg: UNetConfig) -> None:
             raise ValueError(f"num_groups ({cfg.num_groups}) must divide every channel count (ch * ch_mult)")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {cfg.dropout}")
-    if not cfg.norm_eps > 0:
+    if not cfg.norm_eps > 0 or not math.isfinite(cfg.norm_eps):
         raise ValueError(f"norm_eps must be positive, got {cfg.norm_eps}")

@@ -646,8 +646,8 @@ class _Call:
     """A public call's checked metadata: its forward plan, stand-ins for a missing weight or
     bias, and scratch statistics for calls that no backward will read."""
 
-    def __init__(self, x, num_groups, weight, bias, add):
-        checks.check_group_norm(x, num_groups, weight, bias, add)
+    def __init__(self, x, num_groups, weight, bias, add, eps):
+        checks.check_group_norm(x, num_groups, weight, bias, add, eps)
         C = x.shape[1]
         self.weight = torch.ones(C, device=x.device) if weight is None else None
         self.bias = torch.zeros(C, device=x.device) if bias is None else None
@@ -660,8 +660,8 @@ _CALLS = Plans()
 
 
 def _group_norm(x, num_groups, weight, bias, eps, add, silu):
-    key = (meta_key(x), meta_key(add), meta_key(weight), meta_key(bias), type(num_groups), num_groups)
-    call = _CALLS.get(key, lambda: _Call(x, num_groups, weight, bias, add))  # checks on a miss only
+    key = (meta_key(x), meta_key(add), meta_key(weight), meta_key(bias), type(num_groups), num_groups, type(eps), eps)
+    call = _CALLS.get(key, lambda: _Call(x, num_groups, weight, bias, add, eps))  # checks on a miss only
     w = weight if weight is not None else call.weight
     b = bias if bias is not None else call.bias
     if direct_call(x, w, b, add) and use_triton(x.device):  # eager, no gradient: the launcher itself

@@ -64,6 +64,13 @@ _PREDICTION = {"epsilon": 0, "sample": 1, "v_prediction": 2}
 
 
 @triton.jit
+def _clip(x):
+    """x clamped to [-1, 1], NaN kept as torch.clamp keeps it (tl.minimum / tl.maximum return
+    the other operand for a NaN: a diverged model's NaN would come out as +-1)."""
+    return tl.where(x < -1.0, -1.0, tl.where(x > 1.0, 1.0, x))
+
+
+@triton.jit
 def _predict_x0(x, out, sr, srm1, PRED: tl.constexpr, CLIP: tl.constexpr):
     if PRED == 0:
         x0 = sr * x - srm1 * out
@@ -72,7 +79,7 @@ def _predict_x0(x, out, sr, srm1, PRED: tl.constexpr, CLIP: tl.constexpr):
     else:
         x0 = (x - srm1 * out) / sr
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0, -1.0), 1.0)
+        x0 = _clip(x0)
     return x0
 
 
@@ -155,7 +162,7 @@ def _ddim_step_kernel(
     # x_0 (clipped), the eps that goes with it, then eq. 12.
     x0_raw = _predict_x0(x, out, sr, srm1, PRED, False)
     if CLIP:
-        x0 = tl.minimum(tl.maximum(x0_raw, -1.0), 1.0)
+        x0 = _clip(x0_raw)
     else:
         x0 = x0_raw
     if CLIPPED_EPS:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from helpers import DTYPES, TOL
 
-from ddpm_fast import GroupNormSiLU, kernels
+from ddpm_fast import GroupNormSiLU, kernels, reference
 
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 
@@ -296,3 +296,7 @@ def test_bad_inputs_name_the_argument():
         kernels.group_norm_silu(x, 3, add=torch.ones(2, 5))
     with pytest.raises(ValueError, match="num_channels \\(6\\) must be divisible by num_groups \\(4\\)"):
         GroupNormSiLU(4, 6)
+    for eps in (0.0, -1e-5, float("nan"), float("inf"), "1e-5"):  # 0 or NaN gave inf / NaN outputs, silently
+        for op in (kernels.group_norm_silu, kernels.group_norm, reference.group_norm_silu, reference.group_norm):
+            with pytest.raises(ValueError, match="^eps must be a positive finite number"):
+                op(x, 3, eps=eps)

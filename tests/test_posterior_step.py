@@ -257,3 +257,40 @@ def test_ddpm_uses_the_kernels_through_its_switch(monkeypatch):
     assert launched == ["q_sample_fwd", "q_sample_bwd", "step"]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("op", ["posterior_step", "ddim_step"])
+def test_nan_from_the_model_stays_nan_through_the_clip(op, prediction_type):
+    """A diverged model's NaN comes out NaN where the eager twin's does (torch.clamp keeps NaN),
+    with clip_denoised on: the kernel's clip must not turn it into +-1 (tl.minimum and tl.maximum
+    return the other operand for a NaN), and the finite samples stay as they were."""
+    bufs, ac = buffers()
+    x_t, out, z = make((3, 3, 5, 5), torch.float32, scale=3.0), make((3, 3, 5, 5), torch.float32), make(
+        (3, 3, 5, 5), torch.float32)  # fmt: skip
+    out[0] = float("nan")
+    out[1, 0, 2] = float("nan")
+    t = torch.tensor([500, 20, 3])
+    if op == "posterior_step":
+        args = (x_t, out, t, z, *bufs, prediction_type, True)
+    else:
+        args = (x_t, out, t, t - 1, z, ac, 0.5, prediction_type, True)
+    fused, eager = getattr(kernels, op)(*args), getattr(reference, op)(*args)
+    assert torch.isnan(eager[0]).all() and torch.isnan(eager[1]).any() and not torch.isnan(eager[2]).any()
+    assert torch.equal(torch.isnan(fused), torch.isnan(eager))
+    torch.testing.assert_close(fused[2], eager[2], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32])
+def test_timesteps_of_any_integer_dtype(dtype):
+    """t of a small integer dtype is checked against T = 1000 in int64 (1000 does not fit an int8 or
+    a uint8: the bound used to wrap and refuse every value) and gives what int64 t gives."""
+    bufs, _ = buffers()
+    x_t, out, z = (make((3, 3, 5, 5), torch.float32) for _ in range(3))
+    t = torch.tensor([0, 3, 100])
+    expected = kernels.posterior_step(x_t, out, t, z, *bufs)
+    torch.testing.assert_close(kernels.posterior_step(x_t, out, t.to(dtype), z, *bufs), expected, rtol=0, atol=0)
+    eager = reference.posterior_step(x_t, out, t.to(dtype), z, *bufs)
+    torch.testing.assert_close(eager, expected, **TOL[torch.float32])
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1000\), got values from -1 to 3"):
+        kernels.posterior_step(x_t, out, torch.tensor([-1, 3, 0]).to(torch.int8), z, *bufs)

@@ -48,6 +48,13 @@ def test_bad_configuration_and_inputs():
         UNet(image_size=30)
     with pytest.raises(ValueError, match="num_groups"):
         UNet(TINY, num_groups=5)
+    # zero or negative sizes: a ZeroDivisionError traceback from inside the model before
+    for name, value in (("num_groups", 0), ("ch", 0), ("ch", -32), ("image_size", 0), ("in_channels", 0),
+                        ("num_res_blocks", -1), ("num_groups", 2.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=f"^{name} must be "):
+            UNet(TINY, **{name: value})
+    with pytest.raises(ValueError, match="^norm_eps must be positive"):
+        UNet(TINY, norm_eps=float("nan"))
     model = UNet(TINY)
     with pytest.raises(ValueError, match="^x must have shape \\(B, 3, H, W\\)"):
         model(torch.randn(2, 1, 8, 8), torch.tensor([1, 2]))
