@@ -60,12 +60,21 @@ def load(path: str) -> dict:
 def table(data: dict) -> str:
     """The markdown table (with a line naming the device and versions) for pytest-benchmark JSON."""
     groups: dict[str, dict] = {}
-    meta = {}
+    meta, untimed = {}, []
     for b in data["benchmarks"]:
-        info = b.get("extra_info", {})
-        impl = info.get("impl") or b.get("params", {}).get("impl", "eager")
-        groups.setdefault(b["group"] or b["name"], {})[impl] = (b["stats"]["median"], info)
+        if not isinstance(b, dict):
+            raise ValueError(f"a 'benchmarks' entry is not an object: {b!r:.80}")
+        name = b.get("group") or b.get("name") or "?"
+        median = (b.get("stats") or {}).get("median")
+        if not isinstance(median, (int, float)):  # an entry without timings (cut short, hand-edited)
+            untimed.append(b.get("name") or name)
+            continue
+        info = b.get("extra_info") or {}
+        impl = info.get("impl") or (b.get("params") or {}).get("impl", "eager")
+        groups.setdefault(name, {})[impl] = (median, info)
         meta = meta or info
+    if not groups:
+        raise ValueError(f"no entry has timings (stats.median): {', '.join(untimed) or 'the benchmarks list is empty'}")
     impls = [i for i in ORDER if any(i in g for g in groups.values())]
     impls += sorted({i for g in groups.values() for i in g} - set(impls))
     header = ["case"] + [f"{i} ms" for i in impls] + ["fused vs eager", "vs compile", "vs SDPA", "fused throughput"]
@@ -93,6 +102,8 @@ def table(data: dict) -> str:
         row = [name] + [_ms(med[i]) if i in med else "-" for i in impls]
         row += [_ratio(med.get("eager"), fused), _ratio(compile_ms, fused), _ratio(med.get("sdpa"), fused), throughput]
         lines.append("| " + " | ".join(row) + " |")
+    if untimed:
+        lines += ["", f"Left out, without timings: {', '.join(untimed)}."]
     return "\n".join(lines) + "\n"
 
 

@@ -23,7 +23,6 @@ from dataclasses import asdict
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torchvision.utils import save_image
 
 from ddpm_fast import benchreport, interop, kernels, runs, selfcheck
@@ -38,6 +37,8 @@ from ddpm_fast.train import (
     TrainingInterrupted,
     ema_model_state,
     load_checkpoint,
+    load_weights,
+    viewable,
 )
 from ddpm_fast.unet import PRESETS, UNet, UNetConfig
 
@@ -101,7 +102,57 @@ def _model_config(args, channels: int) -> dict:
     unet = UNetConfig(**{**asdict(base), **overrides})
     ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type,
             "variance_type": args.variance_type}  # fmt: skip
-    return {"unet": asdict(unet), "ddpm": ddpm}
+    # the data the run trains on: --resume goes on with it (and refuses another)
+    data = {"dataset": args.dataset, "class_name": args.class_name}
+    return {"unet": asdict(unet), "ddpm": ddpm, "data": data}
+
+
+_RUN_DDPM_OPTIONS = ("timesteps", "beta_schedule", "prediction_type", "variance_type")
+_PRESET_FREE = ("in_channels", "image_size", "dropout")  # set by other options than --preset
+
+
+def _flag(dest: str) -> str:
+    return "--class" if dest == "class_name" else "--" + dest.replace("_", "-")
+
+
+def _resume_settings(args, saved: dict) -> None:
+    """Before any work: a --resume run goes on with the checkpoint's model, schedule and data.
+    An option given on the command line that contradicts the checkpoint is refused by name (it
+    was ignored, or failed late); one not given takes the checkpoint's value."""
+    unet, ddpm, data = saved["unet"], saved["ddpm"], saved.get("data")  # "data": checkpoints from 2026-12 on
+    given = getattr(args, "given", set(vars(args)))
+
+    def refuse(dest, value, theirs):
+        raise ValueError(f"--resume: {_flag(dest)} {value} does not match the checkpoint's run ({theirs}); drop "
+                         f"{_flag(dest)} to go on with the run, or train into a new --out")  # fmt: skip
+
+    for dest in _RUN_DDPM_OPTIONS:
+        if dest in given and getattr(args, dest) != ddpm[dest]:
+            refuse(dest, getattr(args, dest), f"{_flag(dest)} {ddpm[dest]}")
+    if "image_size" in given and args.image_size != unet["image_size"]:
+        refuse("image_size", args.image_size, f"{unet['image_size']}x{unet['image_size']} images")
+    if "dropout" in given and args.dropout != unet["dropout"]:
+        refuse("dropout", args.dropout, f"dropout {unet['dropout']}")
+    if "preset" in given:
+        preset = asdict(PRESETS[args.preset])
+        differ = [k for k, v in preset.items() if k not in _PRESET_FREE and k in unet and _plain(unet[k]) != _plain(v)]
+        if differ:
+            refuse("preset", args.preset, ", ".join(f"{k}={unet[k]}" for k in differ))
+    if data is not None:
+        for dest in ("dataset", "class_name"):
+            if dest in given and getattr(args, dest) != data[dest]:
+                refuse(dest, getattr(args, dest), f"{_flag(dest)} {data[dest]}")
+            setattr(args, dest, data[dest])
+    elif "dataset" in given and (args.dataset == "digits") != (unet["in_channels"] == 1):
+        refuse("dataset", args.dataset, f"{unet['in_channels']}-channel images")
+    elif "dataset" not in given and unet["in_channels"] != 1:  # the default (digits) cannot be its data
+        raise ValueError("--resume: this checkpoint (from before data sets were recorded) does not say what it was "
+                         "trained on; pass its --dataset (and --class, --data-root)")  # fmt: skip
+    args.image_size = unet["image_size"]
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def _setup_distributed(device: torch.device) -> torch.device:
@@ -140,11 +191,31 @@ def train(args) -> None:
             lock.release()
 
 
+def _eager_where_no_kernels(args, device: torch.device) -> None:
+    """The command's own note, printed before any progress bar, where the fused kernels cannot run
+    on `device`: the eager path then (same results). A FastDDPM would warn from inside the first
+    step, attributed to the console script and drawn into the bar."""
+    if args.fused and not kernels.use_triton(device):
+        if int(os.environ.get("RANK", "0")) == 0:
+            why = f"DDPM_FAST_KERNELS={kernels.get_kernel_mode()}, Triton interpreter " + (
+                "on" if kernels.interpreter_on() else "off"
+            )
+            print(f"{args.command}: no Triton kernels on {device} here ({why}); the eager PyTorch path (same results)")
+        args.fused = False
+
+
 def _train(args) -> None:
     device = _setup_distributed(args.device)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    _eager_where_no_kernels(args, device)
     try:
+        resume_path = os.path.join(args.out, "checkpoint.pt") if args.resume else None
+        saved_model = load_checkpoint(resume_path)["config"]["model"] if resume_path else None
+        if saved_model is not None:
+            _resume_settings(args, saved_model)
         channels = 1 if args.dataset == "digits" else 3
+        if saved_model is not None:
+            channels = saved_model["unet"]["in_channels"]
         dataset = make_dataset(args.dataset, args.image_size, args.data_root, args.class_name, args.download, channels,
                                getattr(args, "digits_split", "all"))  # fmt: skip
         config = TrainConfig(
@@ -155,9 +226,8 @@ def _train(args) -> None:
             tensorboard=args.tensorboard, fid_every=args.fid_every, fid_samples=args.fid_samples,
         )  # fmt: skip
         model_config = _model_config(args, channels)
-        resume_path = os.path.join(args.out, "checkpoint.pt") if args.resume else None
-        if resume_path:  # the model comes from the checkpoint
-            model_config = load_checkpoint(resume_path)["config"]["model"]
+        if saved_model is not None:  # the model comes from the checkpoint (and now names its data)
+            model_config = {**saved_model, "data": model_config["data"]}
         torch.manual_seed(args.seed)
         ddpm = _build(model_config, args.fused)
         trainer = Trainer(ddpm, dataset, config, device, model_config, fid_weights=args.inception_weights)
@@ -182,12 +252,43 @@ def _train(args) -> None:
             dist.destroy_process_group()
 
 
-def _load_for_sampling(path: str, fused: bool, device: torch.device, ema: bool = True) -> DDPM:
-    """The model of a checkpoint, with its EMA weights (or the raw ones), ready to sample."""
+def _load_model(path: str, fused: bool, ema: bool = True) -> tuple[DDPM, dict]:
+    """(the model of a checkpoint with its EMA weights or the raw ones, its model config). `path`:
+    a checkpoint.pt, or a .safetensors file `export` wrote (its weights as exported)."""
+    if path.endswith(".safetensors"):
+        return _load_export(path, fused)
     state = load_checkpoint(path)
+    if ema and "ema" not in state:
+        raise CheckpointError(f"{path!r} holds no EMA weights ('ema'); --no-ema uses its raw weights")
     ddpm = _build(state["config"]["model"], fused)
-    ddpm.load_state_dict(ema_model_state(state["ema"]) if ema else state["model"])
-    return ddpm.to(device).eval()
+    load_weights(ddpm, ema_model_state(state["ema"]) if ema else state["model"], path)
+    return ddpm, state["config"]["model"]
+
+
+def _load_export(path: str, fused: bool) -> tuple[DDPM, dict]:
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    if not os.path.isfile(path):
+        raise CheckpointError(f"no checkpoint at {path!r}")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+        weights = load_file(path)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path!r} is not a readable safetensors file: {e}") from None
+    if "ddpm_fast_config" not in metadata:
+        raise CheckpointError(f"{path!r} is not a ddpm-fast export (no ddpm_fast_config in its metadata); a "
+                              "diffusers model folder goes with --diffusers")  # fmt: skip
+    config = json.loads(metadata["ddpm_fast_config"])
+    ddpm = _build(config, fused)
+    load_weights(ddpm, weights, path)
+    return ddpm, config
+
+
+def _load_for_sampling(path: str, fused: bool, device: torch.device, ema: bool = True) -> DDPM:
+    """The model of a checkpoint (or of our .safetensors export), ready to sample."""
+    return _load_model(path, fused, ema)[0].to(device).eval()
 
 
 def _load_diffusers(path: str, fused: bool, device: torch.device) -> DDPM:
@@ -208,12 +309,19 @@ def generate(ddpm: DDPM, n: int, args, device: torch.device) -> torch.Tensor:
         b = min(args.batch_size, n - start)
         kwargs = dict(generator=generator, device=device, progress=n <= args.batch_size,
                       cuda_graph=CUDA_GRAPH[args.cuda_graph])  # fmt: skip
-        if args.sampler == "ddpm":
-            images = ddpm.sample(b, **kwargs)
-        else:
-            images = ddpm.ddim_sample(
-                b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs
-            )
+        try:
+            if args.sampler == "ddpm":
+                images = ddpm.sample(b, **kwargs)
+            else:
+                images = ddpm.ddim_sample(
+                    b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs
+                )
+        except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            why = " ".join(str(e).split())[:160]
+            raise MemoryError(f"--batch-size {args.batch_size}: a batch of {b} images does not fit in {device}'s "
+                              f"memory ({why}); pass a smaller --batch-size") from None  # fmt: skip
         out.append(((images.float().clamp(-1, 1) + 1) / 2).cpu())
         if n > args.batch_size:
             print(f"  {start + b}/{n} samples", flush=True)
@@ -236,6 +344,7 @@ SAMPLE_EXTENSIONS = (*runs.IMAGE_EXTENSIONS, ".npz")
 def sample(args) -> None:
     runs.check_output_file(args.out, SAMPLE_EXTENSIONS)  # before any sampling
     device = args.device
+    _eager_where_no_kernels(args, device)
     if args.diffusers:
         ddpm = _load_diffusers(args.diffusers, args.fused, device)
     else:
@@ -253,17 +362,15 @@ def export(args) -> None:
         runs.check_output_file(args.out, (".safetensors",))
     elif os.path.isfile(args.out):
         raise runs.RunDirError(f"--out {args.out!r} is a file; --format diffusers writes a folder")
-    state = load_checkpoint(args.checkpoint)
-    ddpm = _build(state["config"]["model"], fused=False)
-    ddpm.load_state_dict(ema_model_state(state["ema"]) if not args.no_ema else state["model"])
+    ddpm, model_config = _load_model(args.checkpoint, fused=False, ema=not args.no_ema)
     if args.format == "diffusers":
-        interop.save_diffusers(ddpm.model, args.out)
+        interop.save_diffusers_pipeline(ddpm, args.out)
     else:
         from safetensors.torch import save_file
 
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         weights = {k: v.contiguous() for k, v in ddpm.state_dict().items()}
-        save_file(weights, args.out, metadata={"ddpm_fast_config": json.dumps(state["config"]["model"])})
+        save_file(weights, args.out, metadata={"ddpm_fast_config": json.dumps(model_config)})
     print(f"exported {'EMA' if not args.no_ema else 'raw'} weights of {args.checkpoint} ({args.format}): {args.out}")
 
 
@@ -284,21 +391,22 @@ def fid(args) -> None:
         print(f"Inception Score of {args.b}: {mean:.3f} +- {std:.3f}")
 
 
+DEMO_TIMESTEPS = 1000
+
+
 def demo(args) -> None:
     """A small U-Net on the built-in digits: trains for a few minutes on a CPU and writes
     samples.png (from the EMA weights) and loss.png."""
     args.dataset, args.data_root, args.class_name, args.download = "digits", None, None, False
     args.preset, args.image_size, args.dropout = "demo", 8, 0.0  # the digits' own 8x8
-    args.timesteps, args.beta_schedule, args.prediction_type = 1000, "linear", "epsilon"
+    args.timesteps, args.beta_schedule, args.prediction_type = DEMO_TIMESTEPS, "linear", "epsilon"
     per_epoch = max(1, (1797 - DIGITS_TEST) // args.batch_size)  # batches of the training digits per epoch
     args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
     args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False
     args.variance_type, args.digits_split = "fixed_small", "train"  # the last 360 digits are held out
     args.channels_last, args.grad_accum, args.save_every, args.keep, args.tensorboard = False, 1, 0, 0, False
     args.fid_every, args.fid_samples, args.inception_weights = 0, 1, None
-    if args.fused and not kernels.use_triton(args.device):
-        print(f"demo: no Triton kernels on {args.device} here; the eager PyTorch path (same results)")
-        args.fused = False
+    _eager_where_no_kernels(args, args.device)
     start = time.perf_counter()
     lock = runs.prepare_run_dir(args.out, resume=False, overwrite=args.overwrite)
     try:
@@ -307,8 +415,7 @@ def demo(args) -> None:
         generator = torch.Generator(args.device).manual_seed(args.seed)
         images = ddpm.ddim_sample(args.num_samples, steps=args.sample_steps, generator=generator, device=args.device)
         path = os.path.join(args.out, "samples.png")
-        grid = F.interpolate((images.float() + 1) / 2, scale_factor=4, mode="nearest")  # 8x8 is small to look at
-        save_image(grid, path, nrow=8, padding=2)
+        save_image(viewable((images.float() + 1) / 2), path, nrow=8, padding=2)  # 8x8 is small to look at
         if args.quality:
             _demo_quality(ddpm, args)
     finally:
@@ -349,6 +456,7 @@ def _common(p: argparse.ArgumentParser, out: str) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm-fast", description="Train and sample DDPMs (Ho et al. 2020).")
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices  # name -> its parser
     fmt = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}  # --help shows every default
 
     t = sub.add_parser("train", help="train a DDPM, writing checkpoints, sample grids and a loss log", **fmt)
@@ -411,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
                        **fmt)  # fmt: skip
     _common(s, "samples.png")
     source = s.add_mutually_exclusive_group(required=True)
-    source.add_argument("--checkpoint", help="a ddpm-fast checkpoint.pt")
+    source.add_argument("--checkpoint", help="a ddpm-fast checkpoint.pt, or a .safetensors file from `export`")
     source.add_argument(
         "--diffusers",
         help="a diffusers UNet2DModel folder (config.json + weights), or a pipeline "
@@ -459,7 +567,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--overwrite", action="store_true", help="start over in an --out that holds a run")
     d.add_argument("--quality", action=argparse.BooleanOptionalAction, default=True,
                    help="print the Frechet distance of 360 samples to the held-out digits")  # fmt: skip
-    d.add_argument("--sample-steps", type=_positive_int, default=100, help="DDIM steps for the grid")
+    demo_steps = _number(int, 1, DEMO_TIMESTEPS, what=f"in [1, {DEMO_TIMESTEPS}] (the demo's T)")
+    d.add_argument("--sample-steps", type=demo_steps, default=100, help="DDIM steps for the grid")
     d.set_defaults(func=demo)
 
     c = sub.add_parser("check", help="on this machine: versions, each fused op against its eager twin (max error, "
@@ -481,11 +590,24 @@ def check(args) -> None:
         sys.exit(status)
 
 
+_UNSET = object()
+
+
+def _given_options(argv: list[str] | None, args) -> set[str]:
+    """The options given on the command line, told apart from defaults by parsing again with
+    every default replaced by a marker (not a string: argparse would convert it)."""
+    parser = build_parser()
+    parser.commands[args.command].set_defaults(**{k: _UNSET for k in vars(args) if k != "func"})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not _UNSET} - {"command", "func"}
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "train":  # what --resume checks against the checkpoint (train has no append options)
+        args.given = _given_options(argv, args)
     try:
         args.func(args)
-    except (CheckpointError, FileNotFoundError, ConnectionError, ValueError) as e:
+    except (CheckpointError, OSError, ValueError, MemoryError) as e:  # OSError: missing files, network, permissions
         print(f"ddpm-fast {args.command}: error: {e}", file=sys.stderr)
         sys.exit(2)
     except NonFiniteLossError as e:

@@ -136,6 +136,8 @@ class ImageFolderDataset(Dataset):
 def make_dataset(name: str, image_size: int, root: str | None = None, class_name=None, download: bool = False,
                  channels: int = 3, split: str = "all") -> Dataset:  # fmt: skip
     """The data set a `ddpm-fast train` run names (`split` applies to the digits)."""
+    if class_name is not None and name != "cifar10":
+        raise ValueError(f"--class picks one of CIFAR-10's classes; --dataset {name} has none to pick")
     if name == "digits":
         return digits_dataset(image_size, split)
     if name == "cifar10":

@@ -316,6 +316,7 @@ class DDPM(nn.Module):
         """Run step(x, t, t_prev, generator) over the (t, t_prev) pairs: a plain loop, or (graph,
         or runner for testing the same path without a GPU) on the static buffers of a StepRunner,
         captured in a CUDA graph when `graph`. No host sync inside the loop either way."""
+        self.kernel_path(x.device)  # any fallback warning now, not inside the progress bar
         bar = tqdm(steps, disable=not progress, desc=kind)
         if not (graph or runner):
             n = x.shape[0]

@@ -8,6 +8,7 @@ one to one:
     unet, ddpm_kwargs = load_diffusers("ddpm-cifar10-32")   # a saved folder, no diffusers needed
     ddpm = FastDDPM(unet, **ddpm_kwargs)               # samples with the fused kernels
     sd = to_diffusers_state_dict(unet)                 # the reverse, with diffusers_config(unet.config)
+    save_diffusers_pipeline(ddpm, "folder")            # a DDPMPipeline folder: the U-Net and its schedule
 
 A folder is a model folder (config.json and diffusion_pytorch_model.safetensors or .bin) or a
 pipeline folder (unet/ and scheduler/ inside); scheduler_config.json, where present, sets the
@@ -255,12 +256,57 @@ def load_diffusers(path: str) -> tuple[UNet, dict]:
     return unet, {"image_size": cfg.image_size, "channels": cfg.in_channels, **_scheduler_kwargs(sched)}
 
 
+_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' beta_schedule
+
+
+def scheduler_config(ddpm) -> dict:
+    """The DDPMScheduler config of a DDPM's noise schedule, as diffusers' pipelines read it (and
+    _scheduler_kwargs reads back): timesteps, beta schedule, variance, prediction type."""
+    if ddpm.beta_schedule not in _SCHEDULES:
+        raise ConversionError(f"beta_schedule {ddpm.beta_schedule!r} has no diffusers equivalent")
+    return {"_class_name": "DDPMScheduler", "_diffusers_version": _diffusers_version(),
+            "num_train_timesteps": ddpm.num_timesteps, "beta_schedule": _SCHEDULES[ddpm.beta_schedule],
+            "beta_start": 1e-4, "beta_end": 0.02, "trained_betas": None, "variance_type": ddpm.variance_type,
+            "prediction_type": ddpm.prediction_type, "clip_sample": True, "clip_sample_range": 1.0}  # fmt: skip
+
+
+def _diffusers_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("diffusers")
+    except metadata.PackageNotFoundError:
+        return "0.31.0"  # a release whose loaders read these files
+
+
+def save_diffusers_pipeline(ddpm, path: str) -> None:
+    """Write a DDPM (our UNet and its noise schedule) as a diffusers DDPMPipeline folder:
+    model_index.json, unet/ (save_diffusers) and scheduler/scheduler_config.json. diffusers'
+    `DDPMPipeline.from_pretrained(path)` and our `load_diffusers(path)` read it back with the
+    schedule it was trained with. Each file is written to a temporary name and renamed."""
+    os.makedirs(path, exist_ok=True)
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": _diffusers_version(),
+             "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}  # fmt: skip
+    save_diffusers(ddpm.model, os.path.join(path, "unet"))
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    _write_json(os.path.join(path, "scheduler", "scheduler_config.json"), scheduler_config(ddpm))
+    _write_json(os.path.join(path, "model_index.json"), index)
+
+
+def _write_json(path: str, value: dict) -> None:
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2)
+    os.replace(tmp, path)
+
+
 def save_diffusers(unet: UNet, path: str) -> None:
     """Write our UNet as a diffusers model folder: config.json and diffusion_pytorch_model.safetensors."""
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(diffusers_config(unet.config), f, indent=2)
+    _write_json(os.path.join(path, "config.json"), diffusers_config(unet.config))
     weights = {k: v.contiguous() for k, v in to_diffusers_state_dict(unet).items()}
-    save_file(weights, os.path.join(path, WEIGHT_FILES[0]))
+    tmp = os.path.join(path, f"{WEIGHT_FILES[0]}.tmp.{os.getpid()}")
+    save_file(weights, tmp)
+    os.replace(tmp, os.path.join(path, WEIGHT_FILES[0]))

@@ -41,10 +41,10 @@ def inception_weights(path: str | None = None, timeout: float = 15.0) -> str:
     if path is not None:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"--inception-weights {path!r}: no such file")
-        return path
+        return _checked_weights(path, "--inception-weights")
     target = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
     if os.path.isfile(target):
-        return target
+        return _checked_weights(target, "the cached Inception weights")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     old = socket.getdefaulttimeout()
     try:
@@ -59,6 +59,20 @@ def inception_weights(path: str | None = None, timeout: float = 15.0) -> str:
     finally:
         socket.setdefaulttimeout(old)
     return target
+
+
+def _checked_weights(path: str, what: str) -> str:
+    """`path` if it holds a state_dict (tensors by name), else a ValueError naming `what`: a wrong
+    file failed later, deep inside torchmetrics."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a torch file, truncated, foreign objects
+        raise ValueError(f"{what} {path!r} is not a weights file ({type(e).__name__}: {str(e)[:200]}); expected "
+                         f"{INCEPTION_FILE} from {INCEPTION_URL}") from None  # fmt: skip
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{what} {path!r} holds no state_dict of tensors; expected {INCEPTION_FILE} from "
+                         f"{INCEPTION_URL}")  # fmt: skip
+    return path
 
 
 def frechet_metric(feature: nn.Module | None = None, weights: str | None = None, device="cpu"):

@@ -33,6 +33,9 @@ from ddpm_fast.diffusion import DDPM
 from ddpm_fast.profiling import nvtx_range
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOG_HEADER = ["step", "epoch", "loss", "lr"]  # loss.csv
+# A loss this many times its running mean is a diverged run (L_simple's healthy spikes are a few x)
+DIVERGED_FACTOR = 1000.0
 FP16_NON_FINITE_PATIENCE = 10  # non-finite losses in a row that fp16 training skips before it stops
 
 
@@ -144,6 +147,11 @@ class NonFiniteLossError(RuntimeError):
     the last good state."""
 
 
+class DivergedError(NonFiniteLossError):
+    """The loss, finite, jumped far above its running mean (gradient clipping keeps a diverged
+    run's loss finite: --lr 1e9 gave 4e22); stopped without saving, as for a non-finite loss."""
+
+
 class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT or SIGTERM. `saved`: whether the state at the step boundary
     was written to `path` (a second signal before the save began stops without saving).
@@ -160,14 +168,19 @@ class TrainingInterrupted(KeyboardInterrupt):
 def save_checkpoint(state: dict, path: str) -> None:
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a
     file, and a save that fails or is interrupted removes its temporary file (one killed outright
-    leaves it to the next run's `runs.remove_stale_tmp`)."""
+    leaves it to the next run's `runs.remove_stale_tmp`). A save that fails (a full disk, a folder
+    gone read-only) raises CheckpointError saying that the checkpoint already there is intact."""
     tmp = f"{path}.tmp.{os.getpid()}"
     try:
         torch.save(state, tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, Exception):  # torch.save reports a full disk as a RuntimeError ("file write failed")
+            kept = f"the checkpoint already at {path!r} is intact" if os.path.isfile(path) else "none was there before"
+            raise CheckpointError(f"could not write the checkpoint {path!r} ({type(e).__name__}: {e}); {kept}. "
+                                  "Free disk space (or fix the folder) and go on with --resume") from e  # fmt: skip
         raise
 
 
@@ -196,6 +209,26 @@ class _SkipSampler(Sampler):
 
     def __len__(self) -> int:
         return max(0, len(self.sampler) - self.skip)
+
+
+VIEW_SIZE = 32  # sample grids show smaller images enlarged to about this many pixels
+
+
+def viewable(images: torch.Tensor) -> torch.Tensor:
+    """Images (N, C, H, W) for a grid to look at: enlarged by a whole factor (nearest, each pixel
+    a square) where smaller than VIEW_SIZE, as 8x8 digits are."""
+    scale = max(1, VIEW_SIZE // max(images.shape[-2:]))
+    return torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
+
+
+def load_weights(module: torch.nn.Module, weights: dict, path: str) -> None:
+    """module.load_state_dict(weights), or a CheckpointError naming `path` where the weights are
+    another model's (a size mismatch, missing or unexpected keys) instead of torch's traceback."""
+    try:
+        module.load_state_dict(weights)
+    except RuntimeError as e:
+        detail = " ".join(str(e).split())
+        raise CheckpointError(f"{path!r} holds the weights of another model than this one: {detail[:400]}") from None
 
 
 def ema_model_state(ema_state: dict) -> dict:
@@ -264,6 +297,10 @@ class Trainer:
                 f"({config.batch_size} x {config.grad_accum} accumulated x {self.world} processes)"
             )
         self.fid_feature, self.fid_weights, self._fid_metric = fid_feature, fid_weights, None
+        if config.fid_every and fid_feature is None and self.rank == 0:  # before any work, not after an epoch
+            from ddpm_fast import metrics
+
+            self.fid_weights = metrics.inception_weights(fid_weights)
         self._writer = None
         ddpm.to(self.device)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
@@ -293,6 +330,7 @@ class Trainer:
         self._phase = "training"
         self._saved_step: int | None = None
         self.skipped_steps = self._non_finite_run = 0
+        self._loss_mean: float | None = None  # running mean of the finite losses (divergence)
         self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
         self.log_path = os.path.join(config.out_dir, "loss.csv")
         self.fid_path = os.path.join(config.out_dir, "fid.csv")
@@ -355,8 +393,11 @@ class Trainer:
                 os.remove(os.path.join(folder, old))
 
     def resume(self, path: str | None = None) -> None:
-        state = load_checkpoint(path or self.checkpoint_path, map_location=self.device)
-        self.ddpm.load_state_dict(state["model"])
+        path = path or self.checkpoint_path
+        state = load_checkpoint(path, map_location=self.device)
+        if "ema" not in state or "optimizer" not in state:
+            raise CheckpointError(f"{path!r} holds weights only (no EMA or optimizer state): it cannot be resumed")
+        load_weights(self.ddpm, state["model"], path)
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -375,8 +416,13 @@ class Trainer:
         if self.rank or not os.path.isfile(self.log_path):
             return
         with open(self.log_path, newline="") as f:
-            rows = [r for r in csv.reader(f)]
-        keep = [rows[0]] + [r for r in rows[1:] if int(r[0]) <= self.step]
+            rows = [r for r in csv.reader(f) if r]  # blank lines (an editor's) carry nothing
+        body = rows[1:] if rows and rows[0] == LOG_HEADER else rows
+
+        def logged_step(row):  # None for a torn line (a crash mid-write) or a stray header
+            return int(row[0]) if len(row) == len(LOG_HEADER) and row[0].strip().isdigit() else None
+
+        keep = [LOG_HEADER] + [r for r in body if (step := logged_step(r)) is not None and step <= self.step]
         with open(self.log_path, "w", newline="") as f:
             csv.writer(f).writerows(keep)
 
@@ -523,6 +569,13 @@ class Trainer:
                 self._non_finite(step, lr, value)
             else:
                 self._non_finite_run = 0
+                mean = self._loss_mean
+                if mean is not None and value > DIVERGED_FACTOR * mean:
+                    raise DivergedError(
+                        f"the loss jumped to {value:.3g} at step {step} (lr {lr:.3e}), {value / mean:.3g}x its running "
+                        f"mean {mean:.3g}: training diverged; stopped without saving: {self._last_good()}. Lower --lr"
+                    )
+                self._loss_mean = value if mean is None else 0.98 * mean + 0.02 * value
             self.losses.append((step, value))
             if self.rank == 0:
                 self._log_rows.append([step, epoch, f"{value:.6f}", f"{lr:.3e}"])
@@ -533,9 +586,12 @@ class Trainer:
             rate = bar.format_dict.get("rate") or 0.0
             bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate * self.config.batch_size * self.world:.0f}")
 
-    def _non_finite(self, step: int, lr: float, value: float) -> None:
-        last = (f"{self.checkpoint_path} (step {self._saved_step}) is the last good checkpoint"
+    def _last_good(self) -> str:
+        return (f"{self.checkpoint_path} (step {self._saved_step}) is the last good checkpoint"
                 if self._saved_step is not None else "no checkpoint had been written yet")  # fmt: skip
+
+    def _non_finite(self, step: int, lr: float, value: float) -> None:
+        last = self._last_good()
         if self.scaler is not None:  # fp16: GradScaler skips the step (its gradients are not finite)
             self.skipped_steps += 1
             self._non_finite_run += 1
@@ -558,7 +614,7 @@ class Trainer:
         with open(self.log_path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
-                writer.writerow(["step", "epoch", "loss", "lr"])
+                writer.writerow(LOG_HEADER)
             writer.writerows(self._log_rows)
         self._log_rows.clear()
 
@@ -573,11 +629,10 @@ class Trainer:
         path = os.path.join(cfg.out_dir, "samples", f"epoch_{self.epoch:04d}.png")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         nrow = int(math.ceil(math.sqrt(cfg.num_samples)))
-        save_image((images.float() + 1) / 2, path, nrow=nrow, padding=1)
+        view = viewable((images.float() + 1) / 2)
+        save_image(view, path, nrow=nrow, padding=1)
         if (writer := self.writer()) is not None:
-            writer.add_image(
-                "samples", make_grid((images.float() + 1) / 2, nrow=nrow, padding=1).clamp(0, 1), self.step
-            )
+            writer.add_image("samples", make_grid(view, nrow=nrow, padding=1).clamp(0, 1), self.step)
         return path
 
     def _generate(self, n: int, generator: torch.Generator, batch: int = 256) -> torch.Tensor:

@@ -62,3 +62,17 @@ def test_peaks_of_known_gpus():
         "peak GB/s": 1555.2, "peak TFLOP/s": 19.5}  # fmt: skip
     assert benchreport.peak("NVIDIA H100 PCIe", 1_593_000, 5120, half=True)["peak TFLOP/s"] == 756.5
     assert "peak TFLOP/s" not in benchreport.peak("NVIDIA GeForce RTX 4090", 10_501_000, 384, half=True)
+
+
+def test_entries_without_timings_are_left_out_and_named(tmp_path, capsys):
+    """An entry without stats (a run cut short, a hand-edited file) crashed the report with a
+    KeyError; it is left out and named under the table, and a file with no timings at all is
+    refused in one line."""
+    untimed = {"group": "attention fwd (1, 1, 16, 32) fp32", "name": "test_attn[fused]", "params": {"impl": "fused"}}
+    text = benchreport.table({"benchmarks": [*DATA["benchmarks"], untimed, {**untimed, "stats": {}}]})
+    assert text.splitlines()[-1] == "Left out, without timings: test_attn[fused], test_attn[fused]."
+    assert "| DDIM-100 run, batch 1 |" in text
+    (tmp_path / "none.json").write_text(json.dumps({"benchmarks": [untimed]}))
+    with pytest.raises(SystemExit) as e:
+        main(["bench-report", str(tmp_path / "none.json")])
+    assert e.value.code == 2 and "no entry has timings (stats.median): test_attn[fused]" in capsys.readouterr().err

@@ -215,3 +215,29 @@ def test_any_model_with_a_foreign_config_is_accepted():
     ddpm = DDPM(model, image_size=8, channels=3, timesteps=10)  # model.config is diffusers': not checked as ours
     loss = ddpm.loss(torch.randn(2, 3, 8, 8))
     assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("schedule, prediction, variance", [("linear", "epsilon", "fixed_small"),
+                                                            ("cosine", "v_prediction", "fixed_large"),
+                                                            ("cosine", "sample", "fixed_small")])  # fmt: skip
+def test_an_exported_pipeline_folder_is_diffusers_own_with_the_runs_schedule(tmp_path, schedule, prediction, variance):
+    """save_diffusers_pipeline (what `export --format diffusers` writes) is a DDPMPipeline folder:
+    diffusers loads it with the run's noise schedule (its betas are ours to float32), the same
+    U-Net, and our loader reads every option back."""
+    from diffusers import DDPMPipeline
+
+    torch.manual_seed(0)
+    ddpm = DDPM(UNet(interop.unet_config_from_diffusers(SMALL)), image_size=8, timesteps=50, beta_schedule=schedule,
+                prediction_type=prediction, variance_type=variance).cpu()  # fmt: skip
+    interop.save_diffusers_pipeline(ddpm, str(tmp_path))
+    pipe = DDPMPipeline.from_pretrained(str(tmp_path))
+    cfg = pipe.scheduler.config
+    assert (cfg.num_train_timesteps, cfg.prediction_type, cfg.variance_type) == (50, prediction, variance)
+    torch.testing.assert_close(pipe.scheduler.alphas_cumprod.double(), ddpm.alphas_cumprod.double(),
+                               rtol=1e-5, atol=1e-7)  # fmt: skip
+    x, t = torch.randn(2, 3, 8, 8, device="cpu"), torch.tensor([3, 40], device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(pipe.unet(x, t).sample, ddpm.model.eval()(x, t), rtol=1e-5, atol=1e-5)
+    _, kwargs = interop.load_diffusers(str(tmp_path))
+    assert kwargs == {"image_size": 8, "channels": 3, "timesteps": 50, "beta_schedule": schedule,
+                      "prediction_type": prediction, "variance_type": variance}  # fmt: skip

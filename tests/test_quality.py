@@ -114,6 +114,20 @@ def test_without_a_network_fid_fails_fast_naming_where_the_weights_go(tmp_path, 
     assert metrics.INCEPTION_URL in err and str(tmp_path / "hub" / "checkpoints" / metrics.INCEPTION_FILE) in err
     with pytest.raises(FileNotFoundError, match="--inception-weights"):
         metrics.inception_weights(str(tmp_path / "missing.pth"))
+    (tmp_path / "notes.txt").write_text("not weights")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name in ("notes.txt", "list.pt"):  # failed deep inside torchmetrics, after the work before it
+        with pytest.raises(ValueError, match=f"--inception-weights .*{name}' (is not a weights file|holds no state)"):
+            metrics.inception_weights(str(tmp_path / name))
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    assert metrics.inception_weights(str(tmp_path / "w.pt")) == str(tmp_path / "w.pt")
+    # train --fid-every: refused before the first step (it trained a whole epoch, then failed and saved nothing)
+    started = []
+    monkeypatch.setattr(Trainer, "train", lambda self: started.append(1))
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--fid-every", "1",
+              "--out", str(tmp_path / "run"), "--device", "cpu", "--no-fused"])  # fmt: skip
+    assert e.value.code == 2 and metrics.INCEPTION_URL in capsys.readouterr().err and not started
 
 
 def test_the_trainer_computes_fid_into_fid_csv_and_tensorboard(tmp_path):

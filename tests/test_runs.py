@@ -70,6 +70,30 @@ def test_a_folder_that_holds_a_run_is_refused_unless_resume_or_overwrite(tmp_pat
     assert sorted(os.listdir(out)) == [runs.LOCK_NAME, "notes.txt"]  # only the run's own files went
 
 
+@pytest.mark.parametrize(
+    "text",
+    ["", "\n", "step,epoch,loss,lr\n", "step,epoch,loss,lr\n1,0,0.5,1e-4\n\n2,0,0.4,1e-4\n\n5,1,0.3,1e-4\n",
+     "1,0,0.5,1e-4\n2,0,0.4,1e-4\n3,0,0.2", "step,epoch,loss,lr\r\n1,0,0.5,1e-4\r\n2,0,0.4,1e-4\r\n4,0,0.4"],
+    ids=["empty", "blank", "header", "blank-lines", "no-header-torn", "crlf-torn"],
+)  # fmt: skip
+def test_resume_trims_any_log_to_the_checkpoints_step(tmp_path, text):
+    """--resume keeps loss.csv's rows up to the checkpoint's step. Blank lines (an editor's), a
+    torn last line (a crash mid-write), a missing header or an empty file crashed it (IndexError);
+    now they are dropped or the header put back, and the next rows append after it."""
+    run = trainer(tmp_path / "run")
+    log = tmp_path / "run" / "loss.csv"
+    log.parent.mkdir(exist_ok=True)
+    log.write_text(text)
+    run.step = 2
+    run._trim_log()
+    rows = [r.split(",") for r in log.read_text().splitlines()]
+    expected = [["1", "0", "0.5", "1e-4"], ["2", "0", "0.4", "1e-4"]] if "0.4" in text else []
+    assert rows == [train_module.LOG_HEADER, *expected]
+    run._log_rows.append([3, 0, 0.1, 1e-4])
+    run._flush_log()
+    assert log.read_text().splitlines()[-1] == "3,0,0.1,0.0001" and len(log.read_text().splitlines()) == len(rows) + 1
+
+
 def test_bad_out_places_are_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
@@ -129,6 +153,7 @@ def test_a_save_that_fails_or_is_interrupted_leaves_no_temporary_file(tmp_path, 
         (["train", "--dropout", "1.5"], "--dropout"),
         (["train", "--batch-size", "0"], "--batch-size"),
         (["demo", "--lr", "-1"], "--lr"),
+        (["demo", "--sample-steps", "5000"], "--sample-steps"),  # refused after training, before
         (["sample", "--checkpoint", "c.pt", "--eta", "2"], "--eta"),
         (["train", "--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "--device"),
         (["train", "--device", "gpu"], "--device"),
@@ -197,6 +222,17 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_
     again = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert again["step"] == 4 and torch.equal(again["model"]["model.conv_in.weight"],
                                               saved["model"]["model.conv_in.weight"])  # fmt: skip
+
+
+def test_a_diverged_run_with_a_finite_loss_stops_as_a_non_finite_one(tmp_path):
+    """--lr 1e9: gradient clipping keeps the loss finite (4e22) while the weights blow up, and the
+    run used to end "done", exit 0, with weights of 6e9. A loss DIVERGED_FACTOR times its running
+    mean stops it, naming the step and the last good checkpoint, without saving."""
+    t = trainer(tmp_path, lr=1e9, warmup=0, max_steps=12)
+    with pytest.raises(train_module.DivergedError, match=r"loss jumped to .* at step \d+ .*running mean .*"
+                                                       r"no checkpoint had been written yet"):  # fmt: skip
+        t.train()
+    assert not os.path.exists(tmp_path / "checkpoint.pt")
 
 
 def test_nan_images_stop_at_the_first_step_without_a_checkpoint(tmp_path):
@@ -268,23 +304,22 @@ def test_the_fallback_warning_is_once_per_process_attributed_to_the_caller_and_s
         FastDDPM(UNet(TINY), image_size=8, channels=1, timesteps=20, beta_schedule="cosine").loss(x0, t=t)
 
 
-def test_pythonwarnings_ignore_silences_the_cli(tmp_path):
-    env = {**os.environ, "TRITON_INTERPRET": "0", "DDPM_FAST_KERNELS": "auto", "TQDM_DISABLE": "1"}
+def test_the_cli_says_once_before_any_bar_that_it_runs_eager_and_warns_nothing(tmp_path):
+    """Where the kernels cannot run, `ddpm-fast` says so in one line of its own before training
+    (a FastDDPM's warning came from inside the first step: attributed to the console script and
+    drawn into the progress bar), and runs the eager path: no warning at all."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "DDPM_FAST_KERNELS": "auto"}
     env.pop("PYTHONWARNINGS", None)
-
-    def run(out, **extra):
-        cmd = [sys.executable, "-m", "ddpm_fast.cli", "train", "--out", str(tmp_path / out), "--preset", "demo",
-               "--image-size", "8", "--batch-size", "16", "--max-steps", "2", "--warmup", "1", "--sample-every",
-               "1", "--num-samples", "2", "--sample-steps", "2", "--epochs", "1", "--num-workers", "0",
-               "--device", "cpu"]  # fmt: skip
-        done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env={**env, **extra})
-        assert done.returncode == 0, done.stderr
-        assert "eager" in done.stdout  # the header line says which path runs
-        return done.stderr
-
-    loud = run("a")  # the model, its EMA copy and the grid: one warning
-    assert loud.count("fused kernels do not run on cpu") == 1, loud
-    assert "Warning" not in run("b", PYTHONWARNINGS="ignore")
+    cmd = [sys.executable, "-m", "ddpm_fast.cli", "train", "--out", str(tmp_path / "a"), "--preset", "demo",
+           "--image-size", "8", "--batch-size", "16", "--max-steps", "2", "--warmup", "1", "--sample-every",
+           "1", "--num-samples", "2", "--sample-steps", "2", "--epochs", "1", "--num-workers", "0",
+           "--device", "cpu"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120, env=env)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == ("train: no Triton kernels on cpu here (DDPM_FAST_KERNELS=auto, Triton interpreter off); "
+                        "the eager PyTorch path (same results)"), lines  # fmt: skip
+    assert ", eager;" in lines[1] and "Warning" not in done.stderr, done.stderr
 
 
 # -- signals sent to a real training process ---------------------------------------------------
@@ -404,3 +439,63 @@ def test_a_signal_in_process_stops_at_the_step_boundary(tmp_path, monkeypatch):
     t.resume()
     assert t.train() == straight[6:]
     assert signal.getsignal(signal.SIGINT) is before  # the handlers are put back
+
+
+# -- checkpoints that are not what a command needs ----------------------------------------------
+
+
+def test_checkpoint_problems_are_one_clear_line_and_our_safetensors_export_samples(tmp_path, capsys, monkeypatch):
+    """An export (.safetensors) samples like its checkpoint; a checkpoint without EMA weights, with
+    another model's weights, a foreign .safetensors, an export into a place that cannot hold a
+    folder, a batch too big for memory and a save onto a full disk each give one line naming the
+    problem, not a traceback."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "run"
+    main(["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--max-steps", "1",
+          "--batch-size", "16", "--timesteps", "20", "--sample-every", "0", "--num-workers", "0", "--no-fused",
+          "--out", str(out), "--device", "cpu"])  # fmt: skip
+    ckpt = str(out / "checkpoint.pt")
+    common = ["--n", "2", "--sampler", "ddim", "--steps", "3", "--device", "cpu", "--no-fused", "--seed", "1"]
+    main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "w.safetensors")])
+    main(["sample", "--checkpoint", str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "a.npz"), *common])
+    main(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "b.npz"), *common])
+    assert np.array_equal(np.load(tmp_path / "a.npz")["arr_0"], np.load(tmp_path / "b.npz")["arr_0"])
+    capsys.readouterr()
+
+    state = load_checkpoint(ckpt)
+    del state["ema"]
+    torch.save(state, tmp_path / "no_ema.pt")
+    err = cli_error(["sample", "--checkpoint", str(tmp_path / "no_ema.pt"), *common], capsys)
+    assert "holds no EMA weights ('ema'); --no-ema uses its raw weights" in err
+    state = load_checkpoint(ckpt)
+    state["config"]["model"]["unet"]["ch"] = 64
+    torch.save(state, tmp_path / "other.pt")
+    err = cli_error(["sample", "--checkpoint", str(tmp_path / "other.pt"), *common], capsys)
+    assert "holds the weights of another model than this one: " in err and "size mismatch" in err
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    err = cli_error(["sample", "--checkpoint", str(tmp_path / "foreign.safetensors"), *common], capsys)
+    assert "is not a ddpm-fast export (no ddpm_fast_config in its metadata)" in err and "--diffusers" in err
+    (tmp_path / "a_file").write_text("")
+    err = cli_error(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "a_file" / "folder"), "--format",
+                     "diffusers"], capsys)  # fmt: skip
+    assert err.startswith("ddpm-fast export: error: ") and "Traceback" not in err
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 48.00 GiB")
+
+    monkeypatch.setattr(DDPM, "ddim_sample", out_of_memory)
+    err = cli_error(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "c.npz"), *common], capsys)
+    assert "--batch-size 256: a batch of 2 images does not fit in cpu's memory" in err and "smaller" in err
+
+    before = (out / "checkpoint.pt").read_bytes()
+
+    def full_disk(obj, f, *args, **kwargs):
+        open(f, "wb").write(b"half")  # noqa: SIM115
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    expected = r"could not write the checkpoint .*checkpoint.pt'.*PytorchStreamWriter.*already at .* is intact"
+    with pytest.raises(train_module.CheckpointError, match=expected):
+        save_checkpoint(load_checkpoint(ckpt), ckpt)
+    assert (out / "checkpoint.pt").read_bytes() == before and not [n for n in os.listdir(out) if ".tmp." in n]

@@ -8,7 +8,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.utils.data import Subset
 
-from ddpm_fast import DDPM, UNet, UNetConfig
+from ddpm_fast import DDPM, UNet, UNetConfig, interop
 from ddpm_fast.cli import main
 from ddpm_fast.data import digits_dataset
 from ddpm_fast.train import CheckpointError, TrainConfig, Trainer, load_checkpoint
@@ -32,6 +32,10 @@ def test_a_short_run_writes_checkpoint_grids_and_logs(tmp_path):
     assert [s for s, _ in losses] == list(range(1, 9))
     for name in ("checkpoint.pt", "loss.csv", "loss.png", "samples/epoch_0001.png", "samples/epoch_0002.png"):
         assert os.path.getsize(tmp_path / name) > 0, name
+    from PIL import Image
+
+    # 4 samples of 8x8, enlarged 4x (as the demo's) to be seen: 2 x 2 of 32 px with 1 px padding
+    assert Image.open(tmp_path / "samples/epoch_0001.png").size == (2 * 32 + 3, 2 * 32 + 3)
     rows = (tmp_path / "loss.csv").read_text().splitlines()
     assert rows[0] == "step,epoch,loss,lr" and len(rows) == 9
     state = load_checkpoint(str(tmp_path / "checkpoint.pt"))
@@ -113,6 +117,7 @@ def test_cli_export_safetensors_and_diffusers_then_sample_from_the_folder(tmp_pa
     out = tmp_path / "run"
     main(["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--max-steps", "2",
           "--batch-size", "16", "--timesteps", "20", "--sample-every", "0", "--num-workers", "0", "--no-fused",
+          "--beta-schedule", "cosine", "--prediction-type", "v_prediction", "--variance-type", "fixed_large",
           "--out", str(out), "--device", "cpu"])  # fmt: skip
     ckpt = str(out / "checkpoint.pt")
     main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "w.safetensors")])
@@ -122,7 +127,10 @@ def test_cli_export_safetensors_and_diffusers_then_sample_from_the_folder(tmp_pa
         ema = {k[7:]: v for k, v in state["ema"].items() if k.startswith("module.")}
         assert torch.equal(f.get_tensor("model.conv_in.weight"), ema["model.conv_in.weight"])
     main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "folder"), "--format", "diffusers"])
-    (tmp_path / "folder" / "scheduler_config.json").write_text('{"num_train_timesteps": 20}')
+    # the run's noise schedule goes with it (it was dropped: sample --diffusers then ran T = 1000, linear, epsilon)
+    _, kwargs = interop.load_diffusers(str(tmp_path / "folder"))
+    assert kwargs == {"image_size": 8, "channels": 1, "timesteps": 20, "beta_schedule": "cosine",
+                      "prediction_type": "v_prediction", "variance_type": "fixed_large"}  # fmt: skip
     common = ["--n", "3", "--sampler", "ddim", "--steps", "4", "--device", "cpu", "--no-fused", "--seed", "3"]
     main(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "a.npz"), *common])
     main(["sample", "--diffusers", str(tmp_path / "folder"), "--out", str(tmp_path / "b.npz"), *common])
@@ -140,3 +148,30 @@ def test_cli_errors_are_one_clear_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--dataset", "cifar10", "--class", "plane", "--data-root", str(tmp_path)])
     assert "unknown CIFAR-10 class 'plane'; choose one of airplane" in capsys.readouterr().err
+
+
+def test_resume_goes_on_with_the_checkpoints_run_and_refuses_a_contradiction_by_name(tmp_path, capsys):
+    """--resume takes the model, schedule and data from the checkpoint: options left out follow
+    it (a digits run at 8x8 resumes without --dataset / --image-size, whose defaults are other),
+    and an option given that contradicts it is refused before any work, naming the option (they
+    were silently ignored, or --image-size failed late). --class is CIFAR-10's alone."""
+    out = str(tmp_path / "run")
+    run = ["--batch-size", "16", "--sample-every", "0", "--num-workers", "0", "--no-fused", "--device", "cpu",
+           "--out", out]  # fmt: skip
+    main(["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--max-steps", "1",
+          "--timesteps", "20", "--beta-schedule", "cosine", *run])  # fmt: skip
+    capsys.readouterr()
+    for option in (["--timesteps", "50"], ["--preset", "small"], ["--dataset", "cifar10"], ["--image-size", "16"],
+                   ["--beta-schedule", "linear"], ["--prediction-type", "v_prediction"]):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--resume", "--max-steps", "2", *option, *run])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"--resume: {option[0]} {option[1]} does not match" in err, (option, err)
+    assert load_checkpoint(os.path.join(out, "checkpoint.pt"))["step"] == 1  # nothing ran
+    main(["train", "--resume", "--max-steps", "2", "--timesteps", "20", "--preset", "demo", *run])
+    state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    assert state["step"] == 2 and state["config"]["model"]["ddpm"]["beta_schedule"] == "cosine"
+    assert state["config"]["model"]["data"] == {"dataset": "digits", "class_name": None}
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dataset", "digits", "--class", "airplane", "--out", str(tmp_path / "b")])
+    assert e.value.code == 2 and "--class picks one of CIFAR-10's classes; --dataset digits" in capsys.readouterr().err
