@@ -45,6 +45,7 @@ if _device == "cpu":
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: every test of the module runs inside torch.device(DEVICE)")
     config.addinivalue_line("markers", "on_cpu: this test runs on the CPU even in an on_device module")
+    config.addinivalue_line("markers", "slow: 15 s or more on a 2-core CPU; `pytest -m 'not slow'` leaves them out")
 
 
 def pytest_report_header(config):

@@ -23,6 +23,7 @@ import torch
 from ddpm_fast import aot
 
 CAPS = (80, 90)
+pytestmark = pytest.mark.slow  # compiles every launch for two GPUs: minutes
 
 
 @pytest.fixture(scope="module")

@@ -70,6 +70,7 @@ def fused_model():
     return FastDDPM(model, image_size=8, timesteps=20)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend, path", [("aot_eager", "triton"), ("aot_eager", "eager"), ("inductor", "triton")])
 def test_compiled_loss_has_no_graph_break_and_the_same_value(backend, path, monkeypatch):
     """torch.compile(FastDDPM(...).loss, fullgraph=True): t and the noise drawn inside, as in
@@ -95,6 +96,7 @@ def test_compiled_loss_has_no_graph_break_and_the_same_value(backend, path, monk
         torch.testing.assert_close(p.grad, e, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_unet_has_no_graph_break_and_the_same_output(monkeypatch):
     monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
     ddpm = fused_model().eval()

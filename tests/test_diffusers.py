@@ -176,6 +176,7 @@ SMALL = {**PAPER_CONFIG, "block_out_channels": [16, 32], "down_block_types": ["D
          "sample_size": 8}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_a_diffusers_folder_samples_with_the_fused_kernels(tmp_path, monkeypatch):
     """A pipeline folder (unet/, scheduler/) as save_pretrained writes it, read without diffusers'
     loader; FastDDPM (kernels under the interpreter) gives the UNet2DModel's own samples."""

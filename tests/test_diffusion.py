@@ -81,6 +81,7 @@ def test_bad_inputs_name_the_argument():
         ddpm.ddim_sample(1, steps=0)
 
 
+@pytest.mark.slow
 def test_training_drives_the_loss_down():
     """A small U-Net on the 8x8 digits: a few hundred steps of Adam take L_simple well below
     where it starts (about 1: the zero-initialised model predicts eps = 0)."""

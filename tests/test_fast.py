@@ -34,6 +34,7 @@ def pair(**kwargs):
     return eager, fast
 
 
+@pytest.mark.slow
 def test_same_loss_gradients_and_reverse_step():
     eager, fast = pair(prediction_type="v_prediction")
     x0, noise, t = torch.randn(3, 3, 8, 8), torch.randn(3, 3, 8, 8), torch.tensor([0, 42, 99])
@@ -117,6 +118,7 @@ def sampling_pair(**kwargs):
     return eager.eval(), fast.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["sample", "ddim_eta1"])
 def test_ddpm_and_fastddpm_give_the_same_images_for_the_same_generator(sampler, kernels_on):
     """One noise stream: x_T and every step's noise come from the generator in the same order on
@@ -138,6 +140,7 @@ def test_ddpm_and_fastddpm_give_the_same_images_for_the_same_generator(sampler, 
     assert (other - runs[0]).abs().max() > 0.1
 
 
+@pytest.mark.slow
 def test_philox_noise_is_an_explicit_option_reproducible_with_itself(kernels_on):
     _, fast = sampling_pair()
     fast.num_timesteps = 2
@@ -148,6 +151,7 @@ def test_philox_noise_is_an_explicit_option_reproducible_with_itself(kernels_on)
         fast.sample(1, noise_source="cuda")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", ["sample", "ddim"])
 def test_the_step_a_cuda_graph_captures_equals_the_plain_loop(sampler, kernels_on):
     """The graph path's step, run eagerly on its static buffers (what a CUDA graph records and
@@ -208,6 +212,7 @@ def test_cuda_graph_capture_replays_the_loop():
     assert len(fast._graphs) <= 4
 
 
+@pytest.mark.slow
 def test_a_channels_last_unet_keeps_its_layout_and_makes_no_layout_copies(kernels_on):
     """model.to(memory_format=torch.channels_last): the fused path stays NHWC end to end (no
     aten copy of an activation anywhere in the forward) and computes what the NCHW model does."""

@@ -38,6 +38,7 @@ def models(cls, dtype):
 # -- float16 / bfloat16 models ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", [DDPM, FastDDPM])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_models_sample_and_train(cls, dtype):

@@ -126,6 +126,7 @@ def _tiny_unet():
                 dropout=0.0)  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fused_unet_projects_every_time_embedding_in_one_gemm():
     torch.manual_seed(0)
     model = _tiny_unet()
@@ -160,6 +161,7 @@ def test_batch1_sampling_step_launches_at_most_200_kernels():
     assert eager["total"] > 300 and eager["triton"] == 0
 
 
+@pytest.mark.slow
 def test_fast_ddpm_samples_the_same_after_the_weights_change():
     """Cached concatenations never serve stale weights: sampling after an in-place weight update
     matches a fresh model with those weights."""

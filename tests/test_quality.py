@@ -215,6 +215,7 @@ def test_the_digits_classifier_separates_real_digits_from_noise():
     assert real * 10 < noise
 
 
+@pytest.mark.slow
 def test_the_demo_prints_its_frechet_distance(tmp_path, capsys):
     main(["demo", "--out", str(tmp_path / "demo"), "--steps", "2", "--sample-steps", "2", "--num-samples", "4",
           "--device", "cpu", "--no-fused"])  # fmt: skip

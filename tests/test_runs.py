@@ -376,6 +376,7 @@ def uninterrupted(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "signals, at",
     [((signal.SIGINT,), 4), ((signal.SIGTERM,), 18), ((signal.SIGTERM,), 33)],
@@ -404,6 +405,7 @@ def test_a_signal_saves_at_a_step_boundary_and_resume_is_bit_exact(tmp_path, uni
     assert (out / "loss.csv").read_text() == (uninterrupted / "loss.csv").read_text()
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_leaves_no_orphan_file(tmp_path):
     out = tmp_path / "run"
     run = _Run(_train_cmd(out))

@@ -58,6 +58,7 @@ def test_the_counter_counts():
     assert count(lambda: t.max().item()) == 1 and count(lambda: bool((t > 0).all())) == 1 and count(lambda: t + 1) == 0
 
 
+@pytest.mark.slow
 def test_sampling_loops_never_sync(ddpm):
     ddpm.eval()
     assert count(lambda: ddpm.sample(2, progress=False)) == 0  # 3 steps
@@ -73,6 +74,7 @@ def test_the_loss_syncs_only_to_check_a_given_t(ddpm):
     assert count(lambda: ddpm.p_sample(x0, torch.tensor([1, 2]))) == 1
 
 
+@pytest.mark.slow
 def test_a_training_step_never_syncs(ddpm):
     """Forward, loss, backward, gradient clipping, Adam and the EMA update."""
     ema = EMA(ddpm, 0.99)

@@ -79,6 +79,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_with_gloo_end_with_identical_weights(tmp_path):
     import ddp_worker
 
