@@ -1,7 +1,7 @@
 """ddpm-fast: Denoising Diffusion Probabilistic Models with fused Triton kernels."""
 
 from ddpm_fast.diffusion import DDPM
-from ddpm_fast.fast import FastDDPM, fuse
+from ddpm_fast.fast import FastDDPM, fuse, unfuse
 from ddpm_fast.schedule import extract, make_betas, schedule_buffers
 from ddpm_fast.unet import PRESETS, GroupNormSiLU, UNet, UNetConfig
 
@@ -16,5 +16,6 @@ __all__ = [
     "fuse",
     "make_betas",
     "schedule_buffers",
+    "unfuse",
 ]
 __version__ = "0.2.0"

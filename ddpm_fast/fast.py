@@ -33,26 +33,44 @@ class FastDDPM(DDPM):
         super().__init__(model, image_size, channels, timesteps, beta_schedule, prediction_type, variance_type, fused)
 
 
-def fuse(model: nn.Module) -> int:
-    """Turn `model` into its fused form in place, keeping every parameter and state_dict key.
+def fuse(model: nn.Module, enabled: bool = True) -> int:
+    """Turn `model` into its fused form in place, keeping its class, every parameter and every
+    state_dict key; `fuse(model, False)` (or `unfuse(model)`) puts the eager path back.
 
     - our UNet, GroupNormSiLU and AttnBlock modules switch to the kernels;
     - in any nn.Sequential, a torch.nn.GroupNorm directly followed by a torch.nn.SiLU becomes
-      one fused GroupNormSiLU (same weight and bias, same index) and an nn.Identity.
-    A GroupNorm and a SiLU applied one after the other inside a custom forward cannot be
+      one fused GroupNormSiLU (same weight and bias, same index) and an nn.Identity;
+    - in a diffusers model (UNet2DModel and the like), each ResnetBlock2D's two GroupNorm + SiLU
+      pairs (the time-embedding add inside the second) and each Attention (an attention
+      processor of ours) run on the kernels: see ddpm_fast.diffusers_fused, which warns with the
+      count of modules it leaves on diffusers' path.
+    A GroupNorm and a SiLU applied one after the other inside another custom forward cannot be
     seen from the module tree and stay as they are. Returns the number of modules now on the fused path.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    for module in list(model.modules()):
-        if isinstance(module, nn.Sequential):
-            _fuse_sequential(module)
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    if enabled:
+        for module in list(model.modules()):
+            if isinstance(module, nn.Sequential):
+                _fuse_sequential(module)
     count = 0
     for module in model.modules():
         if hasattr(module, "fused") and isinstance(module.fused, bool):
-            module.fused = True
-            count += 1
+            module.fused = enabled
+            count += enabled
+    from ddpm_fast import diffusers_fused
+
+    if diffusers_fused.is_diffusers_model(model):  # diffusers is imported only for its own models
+        count += diffusers_fused.fuse_diffusers(model, enabled)[0]
     return count
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """`model` back on the eager path (diffusers' own forward and processors for a diffusers model)."""
+    fuse(model, False)
+    return model
 
 
 def _fuse_sequential(seq: nn.Sequential) -> None:

@@ -242,3 +242,64 @@ def test_an_exported_pipeline_folder_is_diffusers_own_with_the_runs_schedule(tmp
     _, kwargs = interop.load_diffusers(str(tmp_path))
     assert kwargs == {"image_size": 8, "channels": 3, "timesteps": 50, "beta_schedule": schedule,
                       "prediction_type": prediction, "variance_type": variance}  # fmt: skip
+
+
+# -- ddpm_fast.fuse on diffusers' own models ----------------------------------------------------------
+
+FUSE_CONFIGS = {
+    "one head": SMALL,  # attention_head_dim None: one head of the block's width (the paper's)
+    "heads of 8": {**SMALL, "attention_head_dim": 8, "norm_num_groups": 8, "norm_eps": 1e-5},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", FUSE_CONFIGS)
+def test_fuse_runs_a_unet2dmodel_on_the_kernels_forward_and_backward(name, monkeypatch):
+    """fuse(UNet2DModel) in place: every ResnetBlock2D and Attention on the kernels (counted, and
+    the kernels really called), the class and state_dict keys unchanged, the output and every
+    parameter gradient those of the unfused model; unfuse puts diffusers' path back exactly."""
+    import copy
+
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from diffusers.models.resnet import ResnetBlock2D
+
+    import ddpm_fast
+    from ddpm_fast import kernels
+
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+    model = diffusers_unet(FUSE_CONFIGS[name]).train()
+    fused = copy.deepcopy(model)
+    calls = []
+    for op in ("group_norm_silu", "group_norm", "attention"):
+        real = getattr(kernels, op)
+        monkeypatch.setattr(kernels, op, lambda *a, _op=op, _real=real, **k: calls.append(_op) or _real(*a, **k))
+    expected = sum(isinstance(m, (ResnetBlock2D, Attention)) for m in model.modules())
+    assert ddpm_fast.fuse(fused) == expected
+    assert type(fused) is UNet2DModel and list(fused.state_dict()) == list(model.state_dict())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 700])
+    torch.manual_seed(1)  # dropout 0: the same either way
+    out, ref = fused(x, t).sample, model(x, t).sample
+    n_attn = sum(isinstance(m, Attention) for m in model.modules())
+    assert calls.count("group_norm_silu") == 2 * (expected - n_attn) and calls.count("attention") == n_attn
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    out.square().mean().backward()
+    ref.square().mean().backward()
+    for (pname, p), q in zip(fused.named_parameters(), model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=pname: f"{n}: {m}")
+    assert ddpm_fast.unfuse(fused) is fused and ddpm_fast.fuse(fused, False) == 0
+    assert all(type(m.processor) is AttnProcessor2_0 for m in fused.modules() if isinstance(m, Attention))
+    calls.clear()
+    with torch.no_grad():
+        assert torch.equal(fused(x, t).sample, model(x, t).sample) and not calls
+
+
+def test_fuse_leaves_what_it_does_not_cover_on_diffusers_path_and_says_how_many():
+    """resnet_time_scale_shift "scale_shift" (FiLM: the norm before the time embedding) is not a
+    fused GroupNorm + add: those blocks stay diffusers', counted in a warning; the attention is fused."""
+    from diffusers.models.resnet import ResnetBlock2D
+
+    import ddpm_fast
+
+    model = diffusers_unet({**SMALL, "resnet_time_scale_shift": "scale_shift"})
+    n_resnets = sum(isinstance(m, ResnetBlock2D) for m in model.modules())
+    with pytest.warns(UserWarning, match=f"fuse: {n_resnets} diffusers module\\(s\\) of UNet2DModel left"):
+        assert ddpm_fast.fuse(model) == 4  # the four attentions
