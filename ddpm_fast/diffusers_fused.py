@@ -157,3 +157,108 @@ class FusedAttnProcessor:
         if attn.residual_connection:
             hidden_states = hidden_states + residual
         return hidden_states / attn.rescale_output_factor
+
+
+# -- pipelines: the scheduler's step on the fused reverse-step kernels --------------------------------
+
+_BUFFERS = "_ddpm_fast_buffers"  # a fused scheduler's schedule buffers on the device it last ran on
+
+
+def fuse_pipeline(pipe, enabled: bool = True) -> int:
+    """A DDPMPipeline / DDIMPipeline (anything with .unet and .scheduler): its unet fused as
+    fuse_diffusers does, and its scheduler's `step` (an instance attribute) on
+    kernels.posterior_step / kernels.ddim_step where the scheduler's config is one those compute
+    exactly; elsewhere, and for a step they do not cover (strided DDPM steps, learned variance,
+    a mask of both a generator and variance_noise), diffusers' own step runs."""
+    from ddpm_fast.fast import fuse
+
+    count = fuse(pipe.unet, enabled)
+    scheduler = pipe.scheduler
+    if not enabled:
+        scheduler.__dict__.pop("step", None)
+        scheduler.__dict__.pop(_BUFFERS, None)
+        return 0
+    step = _fused_step_for(scheduler)
+    if step is None:
+        warnings.warn(f"fuse: {type(scheduler).__name__} with this config stays on diffusers' step (the fused steps "
+                      "cover DDPMScheduler and DDIMScheduler, fixed variances, clip range 1, no thresholding)",
+                      stacklevel=3)  # fmt: skip
+        return count
+    scheduler.step = types.MethodType(step, scheduler)
+    return count + 1
+
+
+def _fused_step_for(scheduler):
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    cfg = scheduler.config
+    common = (cfg.prediction_type in ("epsilon", "sample", "v_prediction") and not cfg.thresholding
+              and (not cfg.clip_sample or cfg.clip_sample_range == 1.0))  # fmt: skip
+    if type(scheduler) is DDPMScheduler and common and cfg.variance_type in ("fixed_small", "fixed_large"):
+        return _fused_ddpm_step
+    if type(scheduler) is DDIMScheduler and common and cfg.set_alpha_to_one:
+        return _fused_ddim_step
+    return None
+
+
+def _buffers(scheduler, device, build):
+    found = scheduler.__dict__.get(_BUFFERS)
+    if found is None or found[0] != device:
+        found = scheduler.__dict__[_BUFFERS] = (device, build())
+    return found[1]
+
+
+def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
+    """DDPMScheduler.step on kernels.posterior_step, for consecutive timesteps (the pipeline's
+    default: as many inference steps as training steps) and fixed variances."""
+    from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, schedule_buffers
+
+    t = int(timestep)
+    if self.previous_timestep(t) != t - 1 or model_output.shape != sample.shape:
+        return type(self).step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
+
+    def build():  # from the scheduler's own betas: any beta_schedule it was given
+        b = schedule_buffers(self.betas.double(), self.config.variance_type)
+        return [b[name].to(sample.device) for name in POSTERIOR_STEP_BUFFERS]
+
+    bufs = _buffers(self, sample.device, build)
+    # the noise diffusers draws, from the same generator, after the same draws: the same images
+    noise = (randn_tensor(model_output.shape, generator=generator, device=model_output.device,
+                          dtype=model_output.dtype) if t > 0 else torch.zeros_like(sample))  # fmt: skip
+    tt = torch.full((sample.shape[0],), t, device=sample.device, dtype=torch.long)
+    prev = kernels.posterior_step(sample, model_output, tt, noise, *bufs, self.config.prediction_type,
+                                  bool(self.config.clip_sample), check_t=False)  # fmt: skip
+    return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=None) if return_dict else (prev, None)
+
+
+def _fused_ddim_step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
+                     variance_noise=None, return_dict=True):  # fmt: skip
+    """DDIMScheduler.step on kernels.ddim_step (set_alpha_to_one: the last step lands on abar = 1)."""
+    from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+    from diffusers.utils.torch_utils import randn_tensor
+
+    if self.num_inference_steps is None or (variance_noise is not None and generator is not None):
+        return type(self).step(self, model_output, timestep, sample, eta, use_clipped_model_output, generator,
+                               variance_noise, return_dict)  # fmt: skip
+    t = int(timestep)
+    t_prev = t - self.config.num_train_timesteps // self.num_inference_steps
+    noise = None
+    if eta > 0:
+        noise = (
+            variance_noise
+            if variance_noise is not None
+            else randn_tensor(
+                model_output.shape, generator=generator, device=model_output.device, dtype=model_output.dtype
+            )
+        )
+    ac = _buffers(self, sample.device, lambda: self.alphas_cumprod.to(sample.device, torch.float32))
+    n = sample.shape[0]
+    tt = torch.full((n,), t, device=sample.device, dtype=torch.long)
+    tp = torch.full((n,), t_prev, device=sample.device, dtype=torch.long)
+    prev = kernels.ddim_step(sample, model_output, tt, tp, noise, ac, float(eta), self.config.prediction_type,
+                             bool(self.config.clip_sample), None, bool(use_clipped_model_output),
+                             check_t=False)  # fmt: skip
+    return DDIMSchedulerOutput(prev_sample=prev, pred_original_sample=None) if return_dict else (prev, None)

@@ -43,14 +43,20 @@ def fuse(model: nn.Module, enabled: bool = True) -> int:
     - in a diffusers model (UNet2DModel and the like), each ResnetBlock2D's two GroupNorm + SiLU
       pairs (the time-embedding add inside the second) and each Attention (an attention
       processor of ours) run on the kernels: see ddpm_fast.diffusers_fused, which warns with the
-      count of modules it leaves on diffusers' path.
+      count of modules it leaves on diffusers' path;
+    - a diffusers DDPMPipeline / DDIMPipeline: its unet as above and its scheduler's step on the
+      fused reverse-step kernels (+1 to the count) where its config is one they compute exactly.
     A GroupNorm and a SiLU applied one after the other inside another custom forward cannot be
     seen from the module tree and stay as they are. Returns the number of modules now on the fused path.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be True or False, got {enabled!r}")
+    if not isinstance(model, nn.Module) and hasattr(model, "unet") and hasattr(model, "scheduler"):
+        from ddpm_fast import diffusers_fused  # a diffusers pipeline: its unet and its scheduler's step
+
+        return diffusers_fused.fuse_pipeline(model, enabled)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module or a diffusers pipeline, got {type(model).__name__}")
     if enabled:
         for module in list(model.modules()):
             if isinstance(module, nn.Sequential):
@@ -67,7 +73,7 @@ def fuse(model: nn.Module, enabled: bool = True) -> int:
     return count
 
 
-def unfuse(model: nn.Module) -> nn.Module:
+def unfuse(model):
     """`model` back on the eager path (diffusers' own forward and processors for a diffusers model)."""
     fuse(model, False)
     return model

@@ -5,6 +5,7 @@ Triton's interpreter on a CPU)."""
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
@@ -252,6 +253,7 @@ FUSE_CONFIGS = {
 }  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FUSE_CONFIGS)
 def test_fuse_runs_a_unet2dmodel_on_the_kernels_forward_and_backward(name, monkeypatch):
     """fuse(UNet2DModel) in place: every ResnetBlock2D and Attention on the kernels (counted, and
@@ -303,3 +305,47 @@ def test_fuse_leaves_what_it_does_not_cover_on_diffusers_path_and_says_how_many(
     n_resnets = sum(isinstance(m, ResnetBlock2D) for m in model.modules())
     with pytest.warns(UserWarning, match=f"fuse: {n_resnets} diffusers module\\(s\\) of UNet2DModel left"):
         assert ddpm_fast.fuse(model) == 4  # the four attentions
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+def test_fuse_a_pipeline_gives_its_images_with_the_fused_step(kind, monkeypatch):
+    """fuse(DDPMPipeline / DDIMPipeline): the unet fused and the scheduler's step on the fused
+    reverse-step kernel (it really runs), the pipeline's images those of the unfused pipeline for
+    the same generator (cosine betas, v-prediction, fixed_large, clipping; DDIM with eta > 0
+    draws its noise as diffusers does); unfuse puts diffusers' step back."""
+    from diffusers import DDIMPipeline, DDPMPipeline
+
+    from ddpm_fast import fuse, kernels, unfuse
+
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
+    unet = diffusers_unet(SMALL).cpu()
+    options = dict(num_train_timesteps=4, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
+                   clip_sample=True)  # fmt: skip
+    if kind == "ddpm":
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="fixed_large", **options))
+        run = dict(num_inference_steps=4)
+    else:
+        pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**options))
+        run = dict(num_inference_steps=2, eta=0.5)
+    pipe.set_progress_bar_config(disable=True)
+
+    def images():
+        return pipe(batch_size=2, generator=torch.Generator("cpu").manual_seed(0), output_type="np", **run).images
+
+    expected = images()
+    steps = []
+    op = "posterior_step" if kind == "ddpm" else "ddim_step"
+    real = getattr(kernels, op)
+    monkeypatch.setattr(kernels, op, lambda *a, **k: steps.append(1) or real(*a, **k))
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = sum(isinstance(m, (ResnetBlock2D, Attention)) for m in unet.modules())
+    assert fuse(pipe) == blocks + 1  # and the scheduler's step
+    fused = images()
+    assert len(steps) == run["num_inference_steps"]
+    np.testing.assert_allclose(fused, expected, rtol=0, atol=2e-4)
+    unfuse(pipe)
+    assert "step" not in vars(pipe.scheduler)
+    np.testing.assert_array_equal(images(), expected)
