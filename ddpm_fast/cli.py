@@ -197,10 +197,8 @@ def _eager_where_no_kernels(args, device: torch.device) -> None:
     step, attributed to the console script and drawn into the bar."""
     if args.fused and not kernels.use_triton(device):
         if int(os.environ.get("RANK", "0")) == 0:
-            why = f"DDPM_FAST_KERNELS={kernels.get_kernel_mode()}, Triton interpreter " + (
-                "on" if kernels.interpreter_on() else "off"
-            )
-            print(f"{args.command}: no Triton kernels on {device} here ({why}); the eager PyTorch path (same results)")
+            print(f"{args.command}: no Triton kernels on {device} here ({kernels.path_setting()}); the eager PyTorch "
+                  "path (same results)")  # fmt: skip
         args.fused = False
 
 

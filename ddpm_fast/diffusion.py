@@ -142,11 +142,9 @@ class DDPM(nn.Module):
         from ddpm_fast import kernels
 
         if not torch.compiler.is_compiling() and not kernels.use_triton(device):
-            mode = kernels.get_kernel_mode()
             warn_once(
-                ("eager fallback", torch.device(device).type, mode),
-                f"{type(self).__name__}: the fused kernels do not run on {device} here "
-                f"(DDPM_FAST_KERNELS={mode}, Triton interpreter {'on' if kernels.interpreter_on() else 'off'}); "
+                ("eager fallback", torch.device(device).type, kernels.get_kernel_mode()),
+                f"{type(self).__name__}: the fused kernels do not run on {device} here ({kernels.path_setting()}); "
                 "running the eager PyTorch path, same results",
             )
         return kernels

@@ -13,6 +13,7 @@ from ddpm_fast.kernels._common import (
     get_kernel_mode,
     interpreter_on,
     kernel_mode,
+    path_setting,
     set_kernel_mode,
     use_triton,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "group_norm_silu",
     "interpreter_on",
     "kernel_mode",
+    "path_setting",
     "posterior_step",
     "q_sample",
     "set_kernel_mode",

@@ -105,6 +105,11 @@ def use_triton(device: torch.device) -> bool:
     return mode == "triton" or device.type == "cuda" or (device.type == "cpu" and interpreter_on())
 
 
+def path_setting() -> str:
+    """What decides the ops' path, for messages: "DDPM_FAST_KERNELS=auto, Triton interpreter off"."""
+    return f"DDPM_FAST_KERNELS={get_kernel_mode()}, Triton interpreter {'on' if interpreter_on() else 'off'}"
+
+
 def tf32_matmul() -> bool:
     """Whether torch lets float32 CUDA matmuls run in TF32, read as torch itself resolves it: the
     `fp32_precision` API (torch.backends.cuda.matmul's, else torch.backends' own; "none" means
