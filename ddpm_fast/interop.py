@@ -22,6 +22,7 @@ import os
 
 import torch
 
+from ddpm_fast import runs
 from ddpm_fast.unet import UNet, UNetConfig
 
 # Settings of a UNet2DModel that our U-Net has only in the paper's form: name -> the value it must have.
@@ -294,10 +295,11 @@ def save_diffusers_pipeline(ddpm, path: str) -> None:
 
 
 def _write_json(path: str, value: dict) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2)
-    os.replace(tmp, path)
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=2)
+
+    runs.write_atomically(path, write)
 
 
 def save_diffusers(unet: UNet, path: str) -> None:
@@ -307,6 +309,4 @@ def save_diffusers(unet: UNet, path: str) -> None:
     os.makedirs(path, exist_ok=True)
     _write_json(os.path.join(path, "config.json"), diffusers_config(unet.config))
     weights = {k: v.contiguous() for k, v in to_diffusers_state_dict(unet).items()}
-    tmp = os.path.join(path, f"{WEIGHT_FILES[0]}.tmp.{os.getpid()}")
-    save_file(weights, tmp)
-    os.replace(tmp, os.path.join(path, WEIGHT_FILES[0]))
+    runs.write_atomically(os.path.join(path, WEIGHT_FILES[0]), lambda tmp: save_file(weights, tmp))

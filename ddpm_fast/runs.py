@@ -99,6 +99,20 @@ class RunLock:
             self._file.close()  # closing drops the flock
 
 
+def write_atomically(path: str, write) -> None:
+    """write(tmp) to `path`'s temporary name (PATH.tmp.<pid>, in the same folder), then rename it
+    onto `path`: a crash never leaves half a file there, and a write that fails or is interrupted
+    removes its temporary file (one killed outright leaves it to remove_stale_tmp)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def remove_stale_tmp(folder: str) -> list[str]:
     """Remove the temporary files (checkpoint.pt.tmp.<pid>) a killed run left in `folder`.
     Only call this while holding the folder's RunLock: then no live writer owns them."""

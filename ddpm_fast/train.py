@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
+from ddpm_fast import runs
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.profiling import nvtx_range
 
@@ -170,18 +171,12 @@ def save_checkpoint(state: dict, path: str) -> None:
     file, and a save that fails or is interrupted removes its temporary file (one killed outright
     leaves it to the next run's `runs.remove_stale_tmp`). A save that fails (a full disk, a folder
     gone read-only) raises CheckpointError saying that the checkpoint already there is intact."""
-    tmp = f"{path}.tmp.{os.getpid()}"
     try:
-        torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(e, Exception):  # torch.save reports a full disk as a RuntimeError ("file write failed")
-            kept = f"the checkpoint already at {path!r} is intact" if os.path.isfile(path) else "none was there before"
-            raise CheckpointError(f"could not write the checkpoint {path!r} ({type(e).__name__}: {e}); {kept}. "
-                                  "Free disk space (or fix the folder) and go on with --resume") from e  # fmt: skip
-        raise
+        runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
+    except Exception as e:  # torch.save reports a full disk as a RuntimeError ("file write failed")
+        kept = f"the checkpoint already at {path!r} is intact" if os.path.isfile(path) else "none was there before"
+        raise CheckpointError(f"could not write the checkpoint {path!r} ({type(e).__name__}: {e}); {kept}. "
+                              "Free disk space (or fix the folder) and go on with --resume") from e  # fmt: skip
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -374,19 +369,14 @@ class Trainer:
         folder = os.path.join(self.config.out_dir, "checkpoints")
         os.makedirs(folder, exist_ok=True)
         path = os.path.join(folder, f"step_{self.step:07d}.pt")
-        tmp = f"{path}.tmp.{os.getpid()}"
-        try:
-            try:
-                os.link(
-                    self.checkpoint_path, tmp
-                )  # the same bytes, no second write (checkpoint.pt is replaced, not changed)
+
+        def link_or_copy(tmp):
+            try:  # the same bytes, no second write (checkpoint.pt is replaced, not changed)
+                os.link(self.checkpoint_path, tmp)
             except OSError:
                 shutil.copyfile(self.checkpoint_path, tmp)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+
+        runs.write_atomically(path, link_or_copy)
         if self.config.keep:
             kept = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
             for old in kept[: -self.config.keep]:

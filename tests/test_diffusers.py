@@ -349,3 +349,21 @@ def test_fuse_a_pipeline_gives_its_images_with_the_fused_step(kind, monkeypatch)
     unfuse(pipe)
     assert "step" not in vars(pipe.scheduler)
     np.testing.assert_array_equal(images(), expected)
+
+
+def test_a_failed_export_leaves_no_temporary_file(tmp_path, monkeypatch):
+    """Each file of an exported folder is written to a temporary name and renamed
+    (runs.write_atomically, as checkpoints are): a write that fails, a full disk say, removes its
+    temporary file instead of leaving it beside the folder's good files."""
+    import safetensors.torch
+
+    ddpm = DDPM(UNet(interop.unet_config_from_diffusers(SMALL)), image_size=8, timesteps=10).cpu()
+
+    def full_disk(weights, path, *args, **kwargs):
+        open(path, "wb").write(b"half")  # noqa: SIM115
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        interop.save_diffusers_pipeline(ddpm, str(tmp_path))
+    assert not list(tmp_path.rglob("*.tmp.*")) and (tmp_path / "unet" / "config.json").is_file()
