@@ -65,6 +65,38 @@ def interpreter_on() -> bool:
     return INTERPRET
 
 
+_GPU_PLANS = []  # non-empty inside gpu_plans()
+_ALL_PLANS: list = []  # every Plans cache, cleared where the planning target changes
+
+
+def plans_for_interpreter(device: torch.device) -> bool:
+    """Whether launches on `device` are planned for Triton's interpreter, not for a GPU: CPU
+    tensors with the interpreter on. The interpreter runs a grid's programs one after another on
+    one core, each costing ~10 ms of Python whatever its tile, so its plans use as few programs
+    as the tiles allow (every group of a sample in one GroupNorm program, no split for more
+    programs) where a GPU's plan spreads the work over its SMs. The kernels are the same; only
+    the grid and the tile sizes differ. gpu_plans() turns this off (the kernel tests check the
+    plans a GPU runs); ddpm_fast.aot runs without the interpreter, so it records GPU plans."""
+    return INTERPRET and device.type == "cpu" and not _GPU_PLANS
+
+
+@contextlib.contextmanager
+def gpu_plans():
+    """Within the block, CPU tensors under the interpreter get the launch plans a GPU would run."""
+    _GPU_PLANS.append(True)
+    _clear_plans()
+    try:
+        yield
+    finally:
+        _GPU_PLANS.pop()
+        _clear_plans()
+
+
+def _clear_plans() -> None:
+    for plans in _ALL_PLANS:
+        plans.clear()
+
+
 def fix_old_interpreter() -> None:
     """Make Triton 3.6's interpreter run our kernels under NumPy >= 2.4 (call it where the
     interpreter runs: the tests' conftest, `ddpm-fast check` on a CPU; never on import).
@@ -91,6 +123,52 @@ def fix_old_interpreter() -> None:
 
     patched._ddpm_fast_fix = True
     interpreter._patch_lang_tensor = patched
+
+
+def speed_up_interpreter() -> None:
+    """Skip the interpreter's re-patching of triton.language at every call of a @triton.jit
+    helper inside a running kernel (call it where fix_old_interpreter is called).
+
+    Triton's interpreter (3.6 to 3.8 at least) patches triton.language once per launch and then
+    again, to the same effect, at each call of a helper function: ~2.5 ms of `inspect.getmembers`
+    per call, ~40% of the interpreter's time in our kernels (which call helpers in every program).
+    Here a helper's call inside a running launch skips the patch when the launch's patch already
+    covers the language modules the helper sees; the launch still patches and restores as before.
+    Where Triton's interpreter is not shaped as expected, nothing is changed."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:  # pragma: no cover
+        return
+    real = getattr(interpreter, "_patch_lang", None)
+    if real is None or getattr(real, "_ddpm_fast_skip", False) or not hasattr(interpreter, "_LangPatchScope"):
+        return
+    running: list[frozenset] = []  # the language modules patched by the launch that runs
+
+    def langs(fn) -> frozenset:
+        return frozenset(id(v) for v in fn.__globals__.values() if v is tl or v is tl.core)
+
+    class _Launch:  # the launch's own scope, which also ends `running`
+        def __init__(self, scope):
+            self.scope = scope
+
+        def restore(self):
+            running.clear()
+            self.scope.restore()
+
+    def _patch_lang(fn):
+        seen = langs(fn)
+        if running and seen and seen <= running[-1]:
+            return interpreter._LangPatchScope()  # a helper inside the launch: already patched
+        scope = real(fn)
+        if running:  # a helper seeing other modules (triton.language.core, from tl.sum):
+            running[-1] |= seen  # patched as Triton does (never restored), once per launch
+            return scope
+        running.append(seen)
+        return _Launch(scope)
+
+    _patch_lang._ddpm_fast_skip = True
+    interpreter._patch_lang = _patch_lang
 
 
 def use_triton(device: torch.device) -> bool:
@@ -202,6 +280,10 @@ class Plans:
 
     def __init__(self):
         self._plans: dict = {}
+        _ALL_PLANS.append(self)
+
+    def clear(self) -> None:
+        self._plans.clear()
 
     def get(self, key, build):
         plan = self._plans.get(key)

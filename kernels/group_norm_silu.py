@@ -51,7 +51,16 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import Plans, cdiv, direct_call, meta_key, next_power_of_2, on_input_device, use_triton
+from ddpm_fast.kernels._common import (
+    Plans,
+    cdiv,
+    direct_call,
+    meta_key,
+    next_power_of_2,
+    on_input_device,
+    plans_for_interpreter,
+    use_triton,
+)
 
 MAX_TILE_FWD = 16384  # values held in registers by the one-kernel forward
 MAX_TILE_BWD = 16384  # the backward keeps xhat and dh of the tile live between its passes
@@ -383,17 +392,27 @@ def _bwd_warps(tile: int) -> int:
 
 
 def _target_programs(device: torch.device) -> int:
-    """Programs that fill the GPU: two per SM (132 SMs on an H100 when there is no GPU to ask)."""
+    """Programs that fill the GPU: two per SM (132 SMs on an H100 when there is no GPU to ask);
+    one for the interpreter, which runs them one after another (plans_for_interpreter)."""
+    if plans_for_interpreter(device):
+        return 1
     if device.type == "cuda":
         return 2 * torch.cuda.get_device_properties(device).multi_processor_count
     return 264
 
 
-def group_block(G: int, cpg: int, hw: int, stride_c: int, element_size: int) -> int:
+def group_block(G: int, cpg: int, hw: int, stride_c: int, element_size: int, interpreter: bool = False) -> int:
     """Groups per program: 1 in NCHW (a group is one contiguous run); in NHWC (stride_c == 1) as
     many as make a pixel's slice MIN_CONTIGUOUS_BYTES long (a power of two, at most G), fewer
     where that many would not fit one tile of MAX_TILE_MULTI with the whole of HW (one read beats
-    longer runs; bigger multi-group tiles spill registers in the backward)."""
+    longer runs; bigger multi-group tiles spill registers in the backward). For the interpreter
+    (plans_for_interpreter), in any layout, as many groups as one tile of MAX_TILE_FWD holds
+    with the whole of HW: fewer programs, and no registers to spill."""
+    if interpreter:
+        gb = next_power_of_2(G)
+        while gb > 1 and next_power_of_2(gb * cpg) * next_power_of_2(hw) > MAX_TILE_FWD:
+            gb //= 2
+        return gb
     if stride_c != 1 or cpg * element_size >= MIN_CONTIGUOUS_BYTES:
         return 1
     gb = min(next_power_of_2(cdiv(MIN_CONTIGUOUS_BYTES, cpg * element_size)), next_power_of_2(G))
@@ -452,7 +471,7 @@ class _FwdPlan:
         self.empty = x.numel() == 0
         if self.empty:
             return
-        gb = group_block(G, cpg, hw, x_strides[1], x.element_size())
+        gb = group_block(G, cpg, hw, x_strides[1], x.element_size(), plans_for_interpreter(x.device))
         self.ngb = ngb = cdiv(G, gb)
         self.split, block_c, block_hw = forward_plan(B, G, cpg, hw, x.device, split, gb, x.element_size())
         stride_a = (add.stride(0), add.stride(1)) if add is not None else (0, 0)
@@ -558,7 +577,7 @@ def group_norm_act_bwd(dy, x, weight, bias, add, mean, rstd, num_groups, silu):
     if x.numel() == 0:
         return dx, dw.zero_(), db.zero_(), dadd
     parts = torch.empty(2, B, C, dtype=torch.float32, device=x.device)
-    gb = group_block(G, cpg, hw, x3.stride(1), x.element_size())
+    gb = group_block(G, cpg, hw, x3.stride(1), x.element_size(), plans_for_interpreter(x.device))
     ngb = triton.cdiv(G, gb)
     block_c, block_hw = _tile(gb, cpg, hw, MAX_TILE_BWD)
     if triton.cdiv(hw, block_hw) > 1:  # the group is looped over in two passes: a smaller tile

@@ -37,14 +37,16 @@ if _device == "cuda":
 import pytest  # noqa: E402
 
 if _device == "cpu":
-    from ddpm_fast.kernels._common import fix_old_interpreter  # noqa: E402  (imports triton: after the switch)
+    from ddpm_fast.kernels._common import fix_old_interpreter, speed_up_interpreter  # noqa: E402  (imports triton)
 
     fix_old_interpreter()  # Triton 3.6's interpreter under NumPy >= 2.4
+    speed_up_interpreter()  # no re-patching of triton.language at each helper call
 
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "on_device: every test of the module runs inside torch.device(DEVICE)")
     config.addinivalue_line("markers", "on_cpu: this test runs on the CPU even in an on_device module")
+    config.addinivalue_line("markers", "gpu_plans: the kernels plan launches as for a GPU, not for the interpreter")
     config.addinivalue_line("markers", "slow: 15 s or more on a 2-core CPU; `pytest -m 'not slow'` leaves them out")
 
 
@@ -59,6 +61,19 @@ def pytest_report_header(config):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _plans(request):
+    """Under the interpreter the kernels plan for its one core (fewest programs); a test marked
+    gpu_plans gets the grids and tiles a GPU runs (ddpm_fast.kernels._common.gpu_plans)."""
+    if request.node.get_closest_marker("gpu_plans") is None or _device != "cpu":
+        yield
+        return
+    from ddpm_fast.kernels._common import gpu_plans
+
+    with gpu_plans():
+        yield
 
 
 @pytest.fixture(autouse=True)

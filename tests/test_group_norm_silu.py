@@ -11,7 +11,8 @@ from ddpm_fast import GroupNormSiLU, kernels, reference
 
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 
-pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
+# tensors on the tests' device; the grids and tiles a GPU runs, not the interpreter's (conftest.py)
+pytestmark = [pytest.mark.on_device, pytest.mark.gpu_plans]
 
 # (B, C, H, W, groups): the U-Net's shapes scaled down, and odd ones.
 SHAPES = [
