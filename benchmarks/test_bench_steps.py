@@ -1,6 +1,6 @@
 """The whole thing, on the paper's 35.7M-parameter CIFAR-10 U-Net: a training step (forward,
 loss, backward, clipping, Adam) in float32 and under bfloat16 autocast, a sampling step at batch
-1, 16 and 256, and a whole DDIM-100 run: DDPM (eager), FastDDPM (fused) and torch.compile of the
+1, 16 and 256, whole DDIM-100 and DPM++-20 runs: DDPM (eager), FastDDPM (fused) and torch.compile of the
 eager step (default mode and max-autotune-no-cudagraphs). On a CPU only DDPM runs, at small
 batches (a CPU cannot do batch 128 of this model in benchmark time)."""
 
@@ -69,3 +69,21 @@ def test_ddim100_run(measure, batch, impl):
                                 cuda_graph=impl == "fused+cuda-graph")  # fmt: skip
 
     measure(f"DDIM-100 run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)
+
+
+@pytest.mark.parametrize("impl", ["eager", "fused", "fused+cuda-graph"])
+@pytest.mark.parametrize("batch", [16, 256])
+def test_dpm_solver20_run(measure, batch, impl):
+    """A whole DPM-Solver++(2M) run of 20 steps, the few-step sampler diffusers users pick: read
+    it beside the DDIM-100 run of the same batch (test_ddim100_run), 5x the model evaluations."""
+    if not CUDA:
+        pytest.skip("a whole sampling run of the 35.7M U-Net is timed on a CUDA device only")
+    ddpm = make(impl).eval()
+    generator = torch.Generator(DEVICE)
+
+    def run():
+        generator.manual_seed(0)
+        return ddpm.dpm_solver_sample(batch, steps=20, generator=generator, progress=False,
+                                      cuda_graph=impl == "fused+cuda-graph")  # fmt: skip
+
+    measure(f"DPM++-20 run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)

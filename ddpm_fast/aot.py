@@ -7,7 +7,7 @@ one, and report registers, spills, shared memory and the matrix instructions per
 
 What is compiled is what code launches: the scenarios run real code and catch each launch.
 - "train": one FastDDPM training step (forward, loss, backward, Adam) of the paper's 35.7M U-Net
-  at batch 128 and 4; "sample": one DDPM and one DDIM sampling step at batch 1, 16 and 256. Each
+  at batch 128 and 4; "sample": one DDPM, one DDIM and one DPM-Solver++ sampling step at batch 1, 16 and 256. Each
   in float32, float16 (training under fp16 autocast, sampling with a .half() model) and bfloat16
   autocast, NCHW and channels_last. The U-Net's own layouts, strides and dtypes reach the kernels
   (the attention block's token-major q, k, v; GroupNorm's strided time-embedding add ...).
@@ -357,8 +357,10 @@ def _launch_train(precision: str, channels_last: bool, batches=(128, 4)):
 
 
 def _launch_sample(precision: str, channels_last: bool, batches=(1, 16, 256)):
-    """One ancestral (DDPM) and one DDIM step, as the samplers run them."""
+    """One ancestral (DDPM), one DDIM and one DPM-Solver++ step, as the samplers run them."""
     import torch
+
+    from ddpm_fast.dpm_solver import dpm_solver_coefficients, dpm_solver_timesteps
 
     ddpm = _model(precision, channels_last, sampling=True).eval()
     dtype = torch.float16 if precision == "float16" else torch.float32
@@ -371,6 +373,10 @@ def _launch_sample(precision: str, channels_last: bool, batches=(1, 16, 256)):
             ddpm._p_sample(x, t, None, True, None)
             ddpm._ops(x.device).ddim_step(x, ddpm._model(x, t), t, t - 20, None, ddpm.alphas_cumprod, eta=0.0,
                                           check_t=False)  # fmt: skip
+            coefficients = dpm_solver_coefficients(ddpm.alphas_cumprod, dpm_solver_timesteps(1000, 20), "epsilon")
+            x0_prev = torch.zeros_like(x, dtype=torch.float32)
+            ddpm._ops(x.device).dpm_solver_step(x, ddpm._model(x, t), x0_prev, torch.full((batch,), 1), coefficients,
+                                                check_step=False)  # fmt: skip
 
 
 # -- the op scenarios: what a user may call beyond the model ----------------------------------------
@@ -394,6 +400,7 @@ def _launch_posterior_step(dtype):
     import torch
 
     from ddpm_fast import kernels
+    from ddpm_fast.dpm_solver import dpm_solver_coefficients, dpm_solver_timesteps
     from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
     b = schedule_buffers(make_betas("linear", 1000))
@@ -407,6 +414,9 @@ def _launch_posterior_step(dtype):
                 kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type,
                                   use_clipped_model_output=clipped, noise_source=source)  # fmt: skip
         kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
+        coefficients = dpm_solver_coefficients(b["alphas_cumprod"], dpm_solver_timesteps(1000, 20), prediction_type)
+        for x0_prev, clip in ((None, False), (x.float(), False), (x.float(), True)):
+            kernels.dpm_solver_step(x, x, x0_prev, t % 20, coefficients, clip_denoised=clip)
 
 
 # (channels, height/width) of every GroupNorm in the paper's CIFAR-10 U-Net (32 groups).

@@ -148,6 +148,20 @@ def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, pr
             raise ValueError("t_prev must be smaller than t for every sample")
 
 
+def check_dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, check_step: bool = True) -> None:
+    check_float("x_t", x_t, min_ndim=1)
+    check_like("model_output", model_output, "x_t", x_t, dtype=False)
+    if x0_prev is not None:
+        check_like("x0_prev", x0_prev, "x_t", x_t, dtype=False)
+    if not isinstance(coefficients, torch.Tensor) or coefficients.ndim != 2 or coefficients.shape[1] != 5:
+        shape = tuple(coefficients.shape) if isinstance(coefficients, torch.Tensor) else type(coefficients).__name__
+        raise ValueError(f"coefficients must be a (steps, 5) tensor of (p, q, a, b, c) per step, got {shape}")
+    check_float("coefficients", coefficients, ndim=2)
+    if coefficients.device != x_t.device:
+        raise ValueError(f"coefficients are on {coefficients.device} but x_t is on {x_t.device}")
+    check_timesteps("step", step, x_t.shape[0], coefficients.shape[0], x_t.device, values=check_step)
+
+
 def check_group_norm(x, num_groups, weight, bias, add, eps=None) -> None:
     check_float("x", x, min_ndim=3)
     if eps is not None and (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf):

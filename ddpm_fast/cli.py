@@ -29,6 +29,7 @@ from ddpm_fast import benchreport, interop, kernels, runs, selfcheck
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
+from ddpm_fast.schedule import BETA_END, BETA_SCHEDULES, BETA_START
 from ddpm_fast.train import (
     CheckpointError,
     NonFiniteLossError,
@@ -68,6 +69,7 @@ _count = _number(int, 0, what="an integer >= 0")
 _positive_float = _number(float, 0.0, low_open=True, what="> 0")
 _fraction = _number(float, 0.0, 1.0, high_open=True, what="in [0, 1)")
 _unit = _number(float, 0.0, 1.0, what="in [0, 1]")
+_beta = _number(float, 0.0, 1.0, low_open=True, high_open=True, what="in (0, 1)")
 
 
 def _device(text: str) -> torch.device:
@@ -100,14 +102,18 @@ def _model_config(args, channels: int) -> dict:
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     unet = UNetConfig(**{**asdict(base), **overrides})
-    ddpm = {"timesteps": args.timesteps, "beta_schedule": args.beta_schedule, "prediction_type": args.prediction_type,
-            "variance_type": args.variance_type}  # fmt: skip
+    if args.beta_schedule == "cosine" and {"beta_start", "beta_end"} & getattr(args, "given", set()):
+        raise ValueError("--beta-start / --beta-end set the linear and scaled_linear schedules; cosine has neither")
+    ddpm = {name: getattr(args, name) for name in _RUN_DDPM_OPTIONS}
     # the data the run trains on: --resume goes on with it (and refuses another)
     data = {"dataset": args.dataset, "class_name": args.class_name}
     return {"unet": asdict(unet), "ddpm": ddpm, "data": data}
 
 
-_RUN_DDPM_OPTIONS = ("timesteps", "beta_schedule", "prediction_type", "variance_type")
+_RUN_DDPM_OPTIONS = ("timesteps", "beta_schedule", "prediction_type", "variance_type", "beta_start", "beta_end",
+                     "snr_gamma")  # fmt: skip
+# what a checkpoint from before an option existed was trained with
+_DDPM_DEFAULTS = {"beta_start": BETA_START, "beta_end": BETA_END, "snr_gamma": None}
 _PRESET_FREE = ("in_channels", "image_size", "dropout")  # set by other options than --preset
 
 
@@ -127,8 +133,9 @@ def _resume_settings(args, saved: dict) -> None:
                          f"{_flag(dest)} to go on with the run, or train into a new --out")  # fmt: skip
 
     for dest in _RUN_DDPM_OPTIONS:
-        if dest in given and getattr(args, dest) != ddpm[dest]:
-            refuse(dest, getattr(args, dest), f"{_flag(dest)} {ddpm[dest]}")
+        theirs = ddpm.get(dest, _DDPM_DEFAULTS.get(dest))
+        if dest in given and getattr(args, dest) != theirs:
+            refuse(dest, getattr(args, dest), f"{_flag(dest)} {theirs}")
     if "image_size" in given and args.image_size != unet["image_size"]:
         refuse("image_size", args.image_size, f"{unet['image_size']}x{unet['image_size']} images")
     if "dropout" in given and args.dropout != unet["dropout"]:
@@ -218,7 +225,8 @@ def _train(args) -> None:
                                getattr(args, "digits_split", "all"))  # fmt: skip
         config = TrainConfig(
             out_dir=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup=args.warmup,
-            ema_decay=args.ema_decay, amp=args.amp, sample_every=args.sample_every, num_samples=args.num_samples,
+            ema_decay=args.ema_decay, ema_warmup=args.ema_warmup, ema_power=args.ema_power, amp=args.amp,
+            sample_every=args.sample_every, num_samples=args.num_samples,
             sample_steps=args.sample_steps, seed=args.seed, max_steps=args.max_steps, num_workers=args.num_workers,
             channels_last=args.channels_last, grad_accum=args.grad_accum, save_every=args.save_every, keep=args.keep,
             tensorboard=args.tensorboard, fid_every=args.fid_every, fid_samples=args.fid_samples,
@@ -310,6 +318,8 @@ def generate(ddpm: DDPM, n: int, args, device: torch.device) -> torch.Tensor:
         try:
             if args.sampler == "ddpm":
                 images = ddpm.sample(b, **kwargs)
+            elif args.sampler == "dpm++":
+                images = ddpm.dpm_solver_sample(b, steps=args.steps, **kwargs)
             else:
                 images = ddpm.ddim_sample(
                     b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs
@@ -398,6 +408,13 @@ def demo(args) -> None:
     args.dataset, args.data_root, args.class_name, args.download = "digits", None, None, False
     args.preset, args.image_size, args.dropout = "demo", 8, 0.0  # the digits' own 8x8
     args.timesteps, args.beta_schedule, args.prediction_type = DEMO_TIMESTEPS, "linear", "epsilon"
+    args.beta_start, args.beta_end, args.snr_gamma, args.ema_warmup, args.ema_power = (
+        BETA_START,
+        BETA_END,
+        None,
+        False,
+        2 / 3,
+    )
     per_epoch = max(1, (1797 - DIGITS_TEST) // args.batch_size)  # batches of the training digits per epoch
     args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
     args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False
@@ -468,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cifar10: the paper's 35.7M U-Net; small: ~1M, trains on a CPU")  # fmt: skip
     t.add_argument("--dropout", type=_fraction, help="override the preset's dropout")
     t.add_argument("--timesteps", type=_positive_int, default=1000, help="diffusion steps T")
-    t.add_argument("--beta-schedule", choices=["linear", "cosine"], default="linear", help="noise schedule")
+    t.add_argument("--beta-schedule", choices=list(BETA_SCHEDULES), default="linear",
+                   help="noise schedule (cosine is diffusers' squaredcos_cap_v2)")  # fmt: skip
+    t.add_argument("--beta-start", type=_beta, default=BETA_START, help="the first beta (linear, scaled_linear)")
+    t.add_argument("--beta-end", type=_beta, default=BETA_END, help="the last beta (linear, scaled_linear)")
+    t.add_argument("--snr-gamma", type=_positive_float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5")
     t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon",
                    help="what the U-Net predicts")  # fmt: skip
     t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
@@ -480,6 +501,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", type=_positive_float, default=2e-4, help="Adam's learning rate")
     t.add_argument("--warmup", type=_count, default=5000, help="learning-rate warmup steps")
     t.add_argument("--ema-decay", type=_fraction, default=0.9999, help="EMA of the weights, in [0, 1)")
+    t.add_argument("--ema-warmup", action="store_true",
+                   help="EMA decay min(--ema-decay, 1 - (1 + step) ^ -power): diffusers' use_ema_warmup")  # fmt: skip
+    t.add_argument("--ema-power", type=_positive_float, default=2 / 3, help="the warmup's power (3/4 for short runs)")
     t.add_argument("--amp", choices=["no", "bf16", "fp16"], default="no", help="autocast dtype")
     t.add_argument("--sample-every", type=_count, default=1, help="epochs between sample grids (0: never)")
     t.add_argument("--num-samples", type=_positive_int, default=64, help="images in each grid")
@@ -525,8 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--n", type=_positive_int, default=64, help="number of images")
     s.add_argument("--batch-size", type=_positive_int, default=256, help="images sampled at once")
-    s.add_argument("--sampler", choices=["ddpm", "ddim"], default="ddpm", help="ancestral (all T steps) or DDIM")
-    s.add_argument("--steps", type=_positive_int, default=100, help="DDIM steps")
+    s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
+                   help="ancestral (all T steps), DDIM, or DPM-Solver++(2M) (diffusers' DPMSolver)")  # fmt: skip
+    s.add_argument("--steps", type=_positive_int, default=100, help="DDIM or DPM-Solver++ steps (20 suits DPM++)")
     s.add_argument("--eta", type=_unit, default=0.0, help="DDIM eta in [0, 1] (0: deterministic)")
     s.add_argument("--timestep-spacing", choices=["leading", "linspace", "trailing"], default="leading",
                    help="DDIM timesteps, as diffusers' DDIMScheduler spaces them (default leading)")  # fmt: skip

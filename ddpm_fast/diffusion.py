@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ddpm_fast import checks, graphs, reference
 from ddpm_fast.profiling import nvtx_range
-from ddpm_fast.schedule import extract, make_betas, schedule_buffers
+from ddpm_fast.schedule import BETA_END, BETA_START, extract, make_betas, schedule_buffers
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # Sampling starts from x_T ~ N(0, I); a schedule whose alphas_cumprod[-1] is above this leaves
@@ -93,7 +93,14 @@ class DDPM(nn.Module):
         prediction_type: str = "epsilon",
         variance_type: str = "fixed_small",
         fused: bool = False,
+        *,
+        beta_start: float = BETA_START,
+        beta_end: float = BETA_END,
+        trained_betas=None,
+        snr_gamma: float | None = None,
     ):
+        """beta_schedule, beta_start, beta_end and trained_betas have diffusers' names and
+        meanings (schedule.make_betas); snr_gamma weighs the loss by min-SNR-gamma (see loss)."""
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -117,7 +124,14 @@ class DDPM(nn.Module):
         self.model = model
         self.image_size, self.channels, self.num_timesteps = image_size, channels, timesteps
         self.beta_schedule, self.prediction_type, self.variance_type = beta_schedule, prediction_type, variance_type
-        for name, value in schedule_buffers(make_betas(beta_schedule, timesteps), variance_type).items():
+        betas = make_betas(beta_schedule, timesteps, beta_start, beta_end, trained_betas)
+        self.beta_start, self.beta_end = float(beta_start), float(beta_end)
+        self.trained_betas = None if trained_betas is None else betas.tolist()
+        if snr_gamma is not None and (isinstance(snr_gamma, bool) or not isinstance(snr_gamma, (int, float))
+                                      or not 0.0 < snr_gamma < float("inf")):  # fmt: skip
+            raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
+        self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
+        for name, value in schedule_buffers(betas, variance_type).items():
             self.register_buffer(name, value)
         _warn_if_short(self.alphas_cumprod, beta_schedule, timesteps)
         self._graphs = graphs.GraphCache()
@@ -227,6 +241,11 @@ class DDPM(nn.Module):
         (v_prediction). t and noise are drawn (from `generator` if given) unless passed; a t
         that is passed is checked (one host sync; check_t=False checks only its metadata), a
         drawn one needs no check: no host sync.
+
+        With snr_gamma (Hang et al. 2023, "min-SNR-gamma"), each sample's mean squared error is
+        weighed by min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) / (SNR_t + 1) for
+        v_prediction and min(SNR_t, gamma) for sample, SNR_t = abar_t / (1 - abar_t), and the
+        weighted errors averaged: as diffusers' training scripts compute it.
         """
         x0 = self._check_images("x0", x0)
         b = x0.shape[0]
@@ -250,7 +269,23 @@ class DDPM(nn.Module):
                     extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
                     - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
                 )
-            return F.mse_loss(out.float(), target.float())
+            if self.snr_gamma is None:
+                return F.mse_loss(out.float(), target.float())
+            per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            return (per_sample * self.snr_weights(t)).mean()
+
+    def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """The min-SNR-gamma loss weight of each t (float32, shape (B,)); ones without snr_gamma."""
+        abar = self.alphas_cumprod.gather(0, t.long())
+        if self.snr_gamma is None:
+            return torch.ones_like(abar)
+        snr = abar / (1.0 - abar)
+        weight = snr.clamp(max=self.snr_gamma)
+        if self.prediction_type == "epsilon":
+            return weight / snr
+        if self.prediction_type == "v_prediction":
+            return weight / (snr + 1.0)
+        return weight
 
     def forward(self, x0: torch.Tensor, **kwargs) -> torch.Tensor:
         """The training loss, so that DistributedDataParallel(ddpm)(x0) syncs its gradients."""
@@ -416,3 +451,45 @@ class DDPM(nn.Module):
         options = ("ddim", float(eta), bool(clip_denoised), bool(use_clipped_model_output), noise_source)
         return self._loop("ddim", step, x, pairs, generator, progress, graphs.use_graph(cuda_graph, x.device, n),
                           options)  # fmt: skip
+
+    @torch.no_grad()
+    def dpm_solver_sample(
+        self,
+        n: int,
+        steps: int = 20,
+        generator: torch.Generator | None = None,
+        progress: bool = True,
+        clip_denoised: bool = False,
+        device: torch.device | str | None = None,
+        cuda_graph: bool | str = "auto",
+    ) -> torch.Tensor:
+        """DPM-Solver++(2M) (Lu et al. 2022) in `steps` model evaluations: the trajectory of
+        diffusers' DPMSolverMultistepScheduler with its defaults (ddpm_fast.dpm_solver), any
+        prediction type. Deterministic after x_T (drawn from `generator`): DDPM and FastDDPM
+        give the same images. clip_denoised clips each data prediction to [-1, 1] (off, as
+        diffusers has no clipping by default). generator and cuda_graph as in `sample`."""
+        from ddpm_fast.dpm_solver import dpm_solver_timesteps
+
+        timesteps = dpm_solver_timesteps(self.num_timesteps, steps)
+        x = self._start(n, generator, device)
+        graph = graphs.use_graph(cuda_graph, x.device, n)
+        return self._dpm_solver_run(x, timesteps, clip_denoised, generator, progress, graph)
+
+    def _dpm_solver_run(self, x, timesteps, clip_denoised, generator, progress, graph, runner=False):
+        from ddpm_fast.dpm_solver import dpm_solver_coefficients
+
+        coefficients = dpm_solver_coefficients(self.alphas_cumprod, timesteps, self.prediction_type).to(x.device)
+        x0_prev = torch.zeros_like(x)  # the previous step's data prediction (not read by the first step)
+
+        def step(x, t, i, gen):  # i: the step's row of the coefficient table, on the device
+            with nvtx_range("sampling step"):
+                out = self._model(x, t)
+                x_next, x0 = self._ops(x.device).dpm_solver_step(x, out, x0_prev, i, coefficients, clip_denoised,
+                                                                 check_step=False)  # fmt: skip
+                x0_prev.copy_(x0)  # in place: a CUDA graph replays on the same buffer
+                return x_next
+
+        pairs = [(t, i) for i, t in enumerate(timesteps)]
+        # (the graph holds this run's coefficient table: a schedule loaded since captures anew)
+        options = ("dpm++", tuple(timesteps), bool(clip_denoised), self.alphas_cumprod._version)
+        return self._loop("dpm++", step, x, pairs, generator, progress, graph, options, runner=runner)

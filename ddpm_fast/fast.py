@@ -10,6 +10,7 @@ ddpm_fast.kernels. A checkpoint of one loads into the other: the switch is not s
 import torch.nn as nn
 
 from ddpm_fast.diffusion import DDPM
+from ddpm_fast.schedule import BETA_END, BETA_START
 from ddpm_fast.unet import GroupNormSiLU
 
 
@@ -28,9 +29,16 @@ class FastDDPM(DDPM):
         prediction_type: str = "epsilon",
         variance_type: str = "fixed_small",
         fused: bool = True,
+        *,
+        beta_start: float = BETA_START,
+        beta_end: float = BETA_END,
+        trained_betas=None,
+        snr_gamma: float | None = None,
     ):
         fuse(model)
-        super().__init__(model, image_size, channels, timesteps, beta_schedule, prediction_type, variance_type, fused)
+        super().__init__(model, image_size, channels, timesteps, beta_schedule, prediction_type, variance_type, fused,
+                         beta_start=beta_start, beta_end=beta_end, trained_betas=trained_betas,
+                         snr_gamma=snr_gamma)  # fmt: skip
 
 
 def fuse(model: nn.Module, enabled: bool = True) -> int:

@@ -23,6 +23,7 @@ import os
 import torch
 
 from ddpm_fast import runs
+from ddpm_fast.schedule import BETA_END, BETA_START
 from ddpm_fast.unet import UNet, UNetConfig
 
 # Settings of a UNet2DModel that our U-Net has only in the paper's form: name -> the value it must have.
@@ -224,16 +225,21 @@ def _scheduler_kwargs(path: str | None) -> dict:
         return {}
     with open(path) as f:
         sched = json.load(f)
-    schedule = {"linear": "linear", "squaredcos_cap_v2": "cosine"}.get(sched.get("beta_schedule", "linear"))
-    if schedule is None or sched.get("trained_betas") is not None:
-        raise ConversionError(f"beta_schedule {sched.get('beta_schedule')!r} / trained_betas: only linear or cosine")
-    if (sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02)) != (1e-4, 0.02) and schedule == "linear":
-        raise ConversionError("a linear schedule other than the paper's (1e-4 to 0.02) is not supported")
+    name = sched.get("beta_schedule", "linear")
+    schedule = {"linear": "linear", "scaled_linear": "scaled_linear", "squaredcos_cap_v2": "cosine"}.get(name)
+    trained = sched.get("trained_betas")
+    if schedule is None and trained is None:
+        raise ConversionError(f"beta_schedule {name!r}: only linear, scaled_linear, squaredcos_cap_v2 or trained_betas")
     variance = sched.get("variance_type", "fixed_small")
     if variance not in ("fixed_small", "fixed_large"):
         raise ConversionError(f"variance_type {variance!r}: only fixed_small or fixed_large")
-    return {"timesteps": sched.get("num_train_timesteps", 1000), "beta_schedule": schedule,
-            "prediction_type": sched.get("prediction_type", "epsilon"), "variance_type": variance}  # fmt: skip
+    kwargs = {"timesteps": sched.get("num_train_timesteps", 1000), "beta_schedule": schedule or "linear",
+              "prediction_type": sched.get("prediction_type", "epsilon"), "variance_type": variance,
+              "beta_start": sched.get("beta_start", BETA_START),
+              "beta_end": sched.get("beta_end", BETA_END)}  # fmt: skip
+    if trained is not None:
+        kwargs["trained_betas"] = trained
+    return kwargs
 
 
 def load_diffusers(path: str) -> tuple[UNet, dict]:
@@ -257,18 +263,20 @@ def load_diffusers(path: str) -> tuple[UNet, dict]:
     return unet, {"image_size": cfg.image_size, "channels": cfg.in_channels, **_scheduler_kwargs(sched)}
 
 
-_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers' beta_schedule
+_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear", "cosine": "squaredcos_cap_v2"}  # ours -> diffusers'
 
 
 def scheduler_config(ddpm) -> dict:
     """The DDPMScheduler config of a DDPM's noise schedule, as diffusers' pipelines read it (and
-    _scheduler_kwargs reads back): timesteps, beta schedule, variance, prediction type."""
+    _scheduler_kwargs reads back): timesteps, betas (schedule, start, end, or trained), variance,
+    prediction type."""
     if ddpm.beta_schedule not in _SCHEDULES:
         raise ConversionError(f"beta_schedule {ddpm.beta_schedule!r} has no diffusers equivalent")
     return {"_class_name": "DDPMScheduler", "_diffusers_version": _diffusers_version(),
             "num_train_timesteps": ddpm.num_timesteps, "beta_schedule": _SCHEDULES[ddpm.beta_schedule],
-            "beta_start": 1e-4, "beta_end": 0.02, "trained_betas": None, "variance_type": ddpm.variance_type,
-            "prediction_type": ddpm.prediction_type, "clip_sample": True, "clip_sample_range": 1.0}  # fmt: skip
+            "beta_start": ddpm.beta_start, "beta_end": ddpm.beta_end, "trained_betas": ddpm.trained_betas,
+            "variance_type": ddpm.variance_type, "prediction_type": ddpm.prediction_type, "clip_sample": True,
+            "clip_sample_range": 1.0}  # fmt: skip
 
 
 def _diffusers_version() -> str:

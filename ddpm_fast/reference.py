@@ -167,6 +167,26 @@ def ddim_step(
     return prev.to(x_t.dtype)
 
 
+def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
+    """One DPM-Solver++(2M) step (ddpm_fast.dpm_solver): x0 = p x_t + q model_output (clipped to
+    [-1, 1] when clip_denoised), x_next = a x_t + b x0 + c x0_prev, with (p, q, a, b, c) the row
+    `step` (per sample) of `coefficients`; x0_prev may be None where c = 0 (the first step), and
+    is not read where c = 0. Returns (x_next in x_t's dtype, x0 in float32) for the next step."""
+    checks.check_dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, check_step)
+    step = clamp_t(step, coefficients.shape[0], check_step)
+    acc = acc_dtype(x_t)
+    coef = coefficients.to(acc)[step].reshape(x_t.shape[0], 5, *((1,) * (x_t.ndim - 1)))
+    p, q, a, b, c = coef.unbind(1)
+    x = x_t.to(acc)
+    x0 = p * x + q * model_output.to(acc)
+    if clip_denoised:
+        x0 = x0.clamp(-1.0, 1.0)
+    x_next = a * x + b * x0
+    if x0_prev is not None:
+        x_next = x_next + torch.where(c != 0, c * x0_prev.to(acc), 0.0)
+    return x_next.to(x_t.dtype), x0
+
+
 def group_norm_silu(x, num_groups, weight=None, bias=None, eps=1e-5, add=None):
     """silu(GroupNorm(x + add[:, :, None, None]) * weight + bias) for x of shape (B, C, ...)."""
     checks.check_group_norm(x, num_groups, weight, bias, add, eps)

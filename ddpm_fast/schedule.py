@@ -9,7 +9,8 @@ import math
 
 import torch
 
-BETA_SCHEDULES = ("linear", "cosine")
+BETA_SCHEDULES = ("linear", "scaled_linear", "cosine")
+BETA_START, BETA_END = 1e-4, 0.02  # Ho et al.'s, and diffusers' defaults
 # The schedule buffers one ancestral reverse step reads, in the order of posterior_step's arguments.
 POSTERIOR_STEP_BUFFERS = (
     "sqrt_recip_alphas_cumprod",
@@ -21,9 +22,14 @@ POSTERIOR_STEP_BUFFERS = (
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
 
 
-def linear_beta_schedule(timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
-    """Ho et al. (2020): betas evenly spaced from 1e-4 to 0.02 (float64)."""
+def linear_beta_schedule(timesteps: int, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
+    """Ho et al. (2020): betas evenly spaced from beta_start (1e-4) to beta_end (0.02) (float64)."""
     return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def scaled_linear_beta_schedule(timesteps: int, beta_start: float = BETA_START, beta_end: float = BETA_END):
+    """diffusers' "scaled_linear" (latent diffusion's): sqrt(betas) evenly spaced (float64)."""
+    return torch.linspace(beta_start**0.5, beta_end**0.5, timesteps, dtype=torch.float64) ** 2
 
 
 def cosine_beta_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
@@ -35,14 +41,45 @@ def cosine_beta_schedule(timesteps: int, s: float = 0.008, max_beta: float = 0.9
     return (1 - alphas_cumprod[1:] / alphas_cumprod[:-1]).clamp(max=max_beta)
 
 
-def make_betas(beta_schedule: str, timesteps: int) -> torch.Tensor:
+def _check_beta(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must be a number in (0, 1), got {value!r}")
+    return float(value)
+
+
+def make_betas(beta_schedule: str, timesteps: int, beta_start: float = BETA_START, beta_end: float = BETA_END,
+               trained_betas=None) -> torch.Tensor:  # fmt: skip
+    """The betas (float64), with diffusers' names and meanings: `trained_betas` (a sequence or
+    1-D tensor of `timesteps` values in (0, 1)) when given, whatever beta_schedule says; else
+    beta_schedule "linear" or "scaled_linear" from beta_start to beta_end, or "cosine"
+    (diffusers' "squaredcos_cap_v2"), which has no start or end."""
     if not isinstance(timesteps, int) or isinstance(timesteps, bool) or timesteps < 2:
         raise ValueError(f"timesteps must be an int >= 2, got {timesteps!r}")
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+    beta_start, beta_end = _check_beta("beta_start", beta_start), _check_beta("beta_end", beta_end)
+    if trained_betas is not None:
+        return check_trained_betas(trained_betas, timesteps)
     if beta_schedule == "linear":
-        return linear_beta_schedule(timesteps)
-    if beta_schedule == "cosine":
-        return cosine_beta_schedule(timesteps)
-    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+        return linear_beta_schedule(timesteps, beta_start, beta_end)
+    if beta_schedule == "scaled_linear":
+        return scaled_linear_beta_schedule(timesteps, beta_start, beta_end)
+    return cosine_beta_schedule(timesteps)
+
+
+def check_trained_betas(trained_betas, timesteps: int) -> torch.Tensor:
+    """trained_betas as a float64 tensor, refused by name unless 1-D, `timesteps` long, in (0, 1)."""
+    try:
+        betas = torch.as_tensor(trained_betas, dtype=torch.float64).detach().cpu()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise TypeError(
+            f"trained_betas must be a sequence or 1-D tensor of numbers, got {type(trained_betas).__name__}"
+        ) from e
+    if betas.ndim != 1 or betas.numel() != timesteps:
+        raise ValueError(f"trained_betas must hold one beta per timestep ({timesteps}), got shape {tuple(betas.shape)}")
+    if not bool(((betas > 0) & (betas < 1)).all()):
+        raise ValueError("trained_betas must all be in (0, 1)")
+    return betas
 
 
 def schedule_buffers(betas: torch.Tensor, variance_type: str = "fixed_small") -> dict[str, torch.Tensor]:

@@ -103,6 +103,7 @@ def _case(op, shape, dtype, fused, eager, inputs, grad_out=None, grad_of=(), **k
 def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
     from ddpm_fast import kernels, reference
     from ddpm_fast.aot import UNET_GROUP_NORMS
+    from ddpm_fast.dpm_solver import dpm_solver_coefficients, dpm_solver_timesteps
     from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
 
     bufs = {k: v.to(device) for k, v in schedule_buffers(make_betas("linear", T)).items()}
@@ -125,6 +126,7 @@ def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
         norms = [(c, s, 32) for c, s in UNET_GROUP_NORMS]
     gn_batch = 2 if small else 8
     B, L, d = (1, 16, 32) if small else (16, 256, 256)  # attention: the 16x16 map, 256 channels
+    dpm = dpm_solver_coefficients(ac, dpm_solver_timesteps(T, 20), "epsilon").to(device)
     cases = []
     for dtype in dtypes:
         cases.append(_case(
@@ -142,6 +144,11 @@ def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
         cases.append(_case(
             "ddim_step eta=0.5", sampling, dtype, lambda *a: kernels.ddim_step(*a, ac, 0.5),
             lambda *a: reference.ddim_step(*a, ac, 0.5), (x_t, out, t, (t - 10).clamp(min=-1), z),
+        ))  # fmt: skip
+        i = torch.arange(sampling[0], device=device) % 20  # first-order, second-order and last rows
+        cases.append(_case(
+            "dpm_solver_step", sampling, dtype, lambda *a: kernels.dpm_solver_step(*a, dpm)[0],
+            lambda *a: reference.dpm_solver_step(*a, dpm)[0], (x_t, out, randn(*sampling), i),
         ))  # fmt: skip
         for channels, size, groups in norms:
             shape = (gn_batch, channels, size, size)
@@ -311,7 +318,7 @@ def timings(device: torch.device, small: bool = False) -> list[tuple[str, float,
     return rows
 
 
-OPS = ("q_sample", "posterior_step", "ddim_step", "group_norm_silu", "attention")
+OPS = ("q_sample", "posterior_step", "ddim_step", "dpm_solver_step", "group_norm_silu", "attention")
 
 
 def run(device: torch.device, dtypes, timing: bool = True, out=sys.stdout, ops=None, results=None) -> int:

@@ -103,6 +103,8 @@ class TrainConfig:
     warmup: int = 5000  # steps of linear learning-rate warmup
     grad_clip: float = 1.0
     ema_decay: float = 0.9999
+    ema_warmup: bool = False  # diffusers' use_ema_warmup: decay min(ema_decay, 1 - (1 + step) ^ -ema_power)
+    ema_power: float = 2 / 3
     amp: str = "no"  # "no", "bf16" or "fp16"
     sample_every: int = 1  # epochs between sample grids (0: never)
     num_samples: int = 64
@@ -137,6 +139,8 @@ class TrainConfig:
             raise ValueError(f"max_steps must be positive or None, got {self.max_steps}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if not (math.isfinite(self.ema_power) and self.ema_power > 0):
+            raise ValueError(f"ema_power must be a positive number, got {self.ema_power}")
 
 
 class CheckpointError(ValueError):
@@ -236,14 +240,33 @@ class EMA:
     ema = decay * ema + (1 - decay) * current, the first update a copy. One foreach lerp per
     update and the count on the host: no host sync (torch's AveragedModel keeps its count on the
     device and tests it each update). Its state_dict has AveragedModel's layout (`module.` keys
-    and `n_averaged`), so checkpoints of either load into the other."""
+    and `n_averaged`), so checkpoints of either load into the other.
 
-    def __init__(self, module: torch.nn.Module, decay: float):
+    warmup=True: the decay of update k (k = 0, 1, ...) is min(decay, 1 - (1 + k / inv_gamma) ^
+    -power), as diffusers' EMAModel(use_ema_warmup=True) gives it (inv_gamma 1, power 2/3 by
+    default; 3/4 suits shorter runs): the average follows the weights closely early, so a short
+    run's EMA samples are not those of its first, random weights."""
+
+    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = False, inv_gamma: float = 1.0,
+                 power: float = 2 / 3):  # fmt: skip
         import copy
 
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
+        if not (inv_gamma > 0 and power > 0):
+            raise ValueError(f"inv_gamma and power must be positive, got {inv_gamma!r} and {power!r}")
         self.module = copy.deepcopy(module).requires_grad_(False)
-        self.decay = decay
+        self.decay, self.warmup, self.inv_gamma, self.power = decay, bool(warmup), float(inv_gamma), float(power)
         self.num_updates = 0
+
+    def current_decay(self) -> float:
+        """The decay the next update uses (0 for the first: a copy)."""
+        k = self.num_updates
+        if k == 0:
+            return 0.0
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, 1.0 - (1.0 + k / self.inv_gamma) ** -self.power)
 
     def _tensors(self, module):
         params = list(module.parameters())
@@ -253,10 +276,11 @@ class EMA:
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
         ema, current = self._tensors(self.module), [t.detach() for t in self._tensors(module)]
-        if self.num_updates == 0:
+        decay = self.current_decay()
+        if decay == 0.0:
             torch._foreach_copy_(ema, current)
         else:
-            torch._foreach_lerp_(ema, current, 1.0 - self.decay)
+            torch._foreach_lerp_(ema, current, 1.0 - decay)
         self.num_updates += 1
 
     def state_dict(self) -> dict:
@@ -305,7 +329,7 @@ class Trainer:
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = torch.nn.parallel.DistributedDataParallel(ddpm, device_ids=ids)
-        self.ema = EMA(ddpm, config.ema_decay)
+        self.ema = EMA(ddpm, config.ema_decay, warmup=config.ema_warmup, power=config.ema_power)
         # torch's fused Adam on CUDA: one kernel for all parameters, no host sync (its step count
         # stays on the device, and a GradScaler hands it found_inf without reading it).
         self.optimizer = torch.optim.Adam(ddpm.parameters(), lr=config.lr, fused=self.device.type == "cuda")

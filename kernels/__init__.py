@@ -18,6 +18,7 @@ from ddpm_fast.kernels._common import (
     use_triton,
 )
 from ddpm_fast.kernels.attention import attention
+from ddpm_fast.kernels.dpm_solver import dpm_solver_step
 from ddpm_fast.kernels.group_norm_silu import group_norm, group_norm_silu
 from ddpm_fast.kernels.posterior_step import ddim_step, posterior_step
 from ddpm_fast.kernels.q_sample import q_sample
@@ -26,6 +27,7 @@ __all__ = [
     "KERNEL_MODES",
     "attention",
     "ddim_step",
+    "dpm_solver_step",
     "get_kernel_mode",
     "group_norm",
     "group_norm_silu",

@@ -103,3 +103,35 @@ def test_training_drives_the_loss_down():
                 break
     first, last = sum(losses[:5]) / 5, sum(losses[-50:]) / 50
     assert first > 0.8 and last < 0.4 * first, (first, last)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
+def test_min_snr_gamma_weighs_the_loss_as_diffusers_training_scripts_do(prediction_type):
+    """snr_gamma=5: each sample's MSE times min(SNR, 5) / SNR (epsilon), / (SNR + 1) (v) or
+    min(SNR, 5) (sample), SNR from diffusers' compute_snr; the same on the fused path."""
+    from diffusers import DDPMScheduler
+    from diffusers.training_utils import compute_snr
+
+    from ddpm_fast import FastDDPM
+
+    ddpm = tiny_ddpm(prediction_type=prediction_type, snr_gamma=5.0)
+    x0, noise, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 3, 17, 49])
+    sched = DDPMScheduler(num_train_timesteps=50, prediction_type=prediction_type)
+    # diffusers' examples/text_to_image/train_text_to_image.py, --snr_gamma
+    snr = compute_snr(sched, t)
+    weights = torch.stack([snr, 5.0 * torch.ones_like(t)], dim=1).min(dim=1)[0]
+    if prediction_type == "epsilon":
+        weights = weights / snr
+    elif prediction_type == "v_prediction":
+        weights = weights / (snr + 1)
+    target = {"epsilon": noise, "sample": x0, "v_prediction": sched.get_velocity(x0, noise, t)}[prediction_type]
+    pred = ddpm.model(ddpm.q_sample(x0, t, noise), t)
+    expected = ((pred - target) ** 2).mean(dim=(1, 2, 3)) * weights
+    got = ddpm.loss(x0, t=t, noise=noise)
+    torch.testing.assert_close(got, expected.mean(), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, tiny_ddpm(prediction_type=prediction_type).loss(x0, t=t, noise=noise))
+    fast = FastDDPM(UNet(TINY), image_size=8, channels=3, timesteps=50, prediction_type=prediction_type, snr_gamma=5.0)
+    fast.load_state_dict(ddpm.state_dict())
+    torch.testing.assert_close(fast.loss(x0, t=t, noise=noise), expected.mean(), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="snr_gamma must be a positive number"):
+        tiny_ddpm(snr_gamma=0)

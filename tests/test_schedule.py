@@ -81,3 +81,57 @@ def test_bad_schedule_arguments(args, match):
 def test_bad_variance_type():
     with pytest.raises(ValueError, match="variance_type"):
         schedule_buffers(make_betas("linear", 10), "learned")
+
+
+# -- own betas, with diffusers' names and meanings ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(beta_schedule="linear", beta_start=5e-5, beta_end=0.03),
+        dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012),
+        dict(beta_schedule="cosine"),
+        dict(beta_schedule="linear", trained_betas=torch.linspace(1e-3, 0.2, 50).tolist()),
+    ],
+)
+def test_own_betas_are_diffusers_and_the_checkpoint_rebuilds_them(kwargs):
+    """DDPM(beta_start=, beta_end=, trained_betas=) gives the alphas_cumprod of diffusers'
+    DDPMScheduler with the same arguments; the state_dict and the run's config carry them."""
+    from diffusers import DDPMScheduler
+
+    from ddpm_fast import DDPM, interop
+    from ddpm_fast.unet import UNet, UNetConfig
+
+    T = 50
+    unet = UNet(UNetConfig(in_channels=1, image_size=8, ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(),
+                           num_groups=4))  # fmt: skip
+    ddpm = DDPM(unet, image_size=8, channels=1, timesteps=T, **kwargs)
+    name = {"cosine": "squaredcos_cap_v2"}.get(kwargs["beta_schedule"], kwargs["beta_schedule"])
+    theirs = DDPMScheduler(num_train_timesteps=T, **{**kwargs, "beta_schedule": name})
+    torch.testing.assert_close(ddpm.alphas_cumprod, theirs.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    # The diffusers config we write reads back to the same schedule, and diffusers reads it too.
+    config = interop.scheduler_config(ddpm)
+    assert DDPMScheduler.from_config(config).alphas_cumprod.allclose(theirs.alphas_cumprod, rtol=1e-5, atol=1e-7)
+    import json
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(config, f)
+    again = DDPM(unet, image_size=8, channels=1, **interop._scheduler_kwargs(f.name))
+    torch.testing.assert_close(again.alphas_cumprod, ddpm.alphas_cumprod, rtol=0, atol=0)
+
+
+def test_bad_betas_are_refused_by_name():
+    with pytest.raises(ValueError, match="beta_start must be a number in"):
+        make_betas("linear", 10, beta_start=0.0)
+    with pytest.raises(ValueError, match="beta_end must be a number in"):
+        make_betas("linear", 10, beta_end=1.5)
+    with pytest.raises(ValueError, match=r"trained_betas must hold one beta per timestep \(10\)"):
+        make_betas("linear", 10, trained_betas=[0.1] * 9)
+    with pytest.raises(ValueError, match="trained_betas must all be in"):
+        make_betas("linear", 3, trained_betas=[0.1, 0.0, 0.2])
+    with pytest.raises(TypeError, match="trained_betas must be a sequence"):
+        make_betas("linear", 3, trained_betas="abc")
+    with pytest.raises(ValueError, match="beta_schedule must be one of"):
+        make_betas("sigmoid", 10)

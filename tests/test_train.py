@@ -131,7 +131,8 @@ def test_cli_export_safetensors_and_diffusers_then_sample_from_the_folder(tmp_pa
     # the run's noise schedule goes with it (it was dropped: sample --diffusers then ran T = 1000, linear, epsilon)
     _, kwargs = interop.load_diffusers(str(tmp_path / "folder"))
     assert kwargs == {"image_size": 8, "channels": 1, "timesteps": 20, "beta_schedule": "cosine",
-                      "prediction_type": "v_prediction", "variance_type": "fixed_large"}  # fmt: skip
+                      "prediction_type": "v_prediction", "variance_type": "fixed_large", "beta_start": 1e-4,
+                      "beta_end": 0.02}  # fmt: skip
     common = ["--n", "3", "--sampler", "ddim", "--steps", "4", "--device", "cpu", "--no-fused", "--seed", "3"]
     main(["sample", "--checkpoint", ckpt, "--out", str(tmp_path / "a.npz"), *common])
     main(["sample", "--diffusers", str(tmp_path / "folder"), "--out", str(tmp_path / "b.npz"), *common])
@@ -176,3 +177,68 @@ def test_resume_goes_on_with_the_checkpoints_run_and_refuses_a_contradiction_by_
     with pytest.raises(SystemExit) as e:
         main(["train", "--dataset", "digits", "--class", "airplane", "--out", str(tmp_path / "b")])
     assert e.value.code == 2 and "--class picks one of CIFAR-10's classes; --dataset digits" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("power", [2 / 3, 3 / 4])
+def test_ema_warmup_follows_diffusers_ema_model(power):
+    """EMA(warmup=True) averages as diffusers' EMAModel(use_ema_warmup=True) does, step by step;
+    without warmup the decay stays as given (the first update a copy either way)."""
+    from diffusers.training_utils import EMAModel
+
+    from ddpm_fast.train import EMA
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ours = EMA(net, 0.999, warmup=True, power=power)
+    theirs = EMAModel(net.parameters(), decay=0.999, use_ema_warmup=True, inv_gamma=1.0, power=power)
+    plain = EMA(net, 0.999)
+    for _ in range(30):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        ours.update(net)
+        theirs.step(net.parameters())
+        plain.update(net)
+        for a, b in zip(ours.module.parameters(), theirs.shadow_params):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    assert ours.current_decay() == pytest.approx(1 - (1 + 30) ** -power) and plain.current_decay() == 0.999
+    # the warmed-up average sits near the weights of late steps; the plain one near the first copy
+    last = torch.cat([p.flatten() for p in net.parameters()])
+    near = torch.cat([p.flatten() for p in ours.module.parameters()])
+    far = torch.cat([p.flatten() for p in plain.module.parameters()])
+    assert (near - last).norm() < (far - last).norm()
+    with pytest.raises(ValueError, match="decay must be in"):
+        EMA(net, 1.0)
+
+
+def test_cli_recipes_are_recorded_and_sample_rebuilds_them(tmp_path, capsys):
+    """--beta-schedule scaled_linear --beta-start/--beta-end --snr-gamma --ema-warmup: the run
+    trains with them, the checkpoint records the DDPM's options so `sample` (DPM-Solver++ here)
+    rebuilds the same schedule, and --resume refuses a contradicting --snr-gamma or --beta-end."""
+    out = str(tmp_path / "run")
+    common = ["--batch-size", "16", "--sample-every", "0", "--num-workers", "0", "--no-fused", "--device", "cpu",
+              "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--timesteps", "30"]  # fmt: skip
+    run = [*common, "--out", out]
+    main(["train", "--max-steps", "2", "--beta-schedule", "scaled_linear", "--beta-start", "0.00085", "--beta-end",
+          "0.012", "--snr-gamma", "5", "--ema-warmup", "--ema-power", "0.75", *run])  # fmt: skip
+    state = load_checkpoint(os.path.join(out, "checkpoint.pt"))
+    ddpm = state["config"]["model"]["ddpm"]
+    assert (ddpm["beta_schedule"], ddpm["beta_start"], ddpm["beta_end"], ddpm["snr_gamma"]) == (
+        "scaled_linear", 0.00085, 0.012, 5.0)  # fmt: skip
+    expected = torch.linspace(0.00085**0.5, 0.012**0.5, 30, dtype=torch.float64) ** 2
+    torch.testing.assert_close(state["model"]["betas"].double(), expected, rtol=1e-6, atol=0)
+    assert state["config"]["train"]["ema_warmup"] and state["config"]["train"]["ema_power"] == 0.75
+    capsys.readouterr()
+    for option in (["--snr-gamma", "1.0"], ["--beta-end", "0.02"]):
+        with pytest.raises(SystemExit) as e:
+            main(["train", "--resume", "--max-steps", "3", *option, *run])
+        assert e.value.code == 2 and f"--resume: {option[0]} {option[1]} does not match" in capsys.readouterr().err
+    main(["sample", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--n", "2", "--sampler", "dpm++", "--steps",
+          "3", "--device", "cpu", "--no-fused", "--out", str(tmp_path / "s.npz")])  # fmt: skip
+    import numpy as np
+
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape == (2, 8, 8, 1)
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--max-steps", "1", "--beta-schedule", "cosine", "--beta-end", "0.03", *common,
+              "--out", str(tmp_path / "c")])  # fmt: skip
+    assert e.value.code == 2 and "cosine has neither" in capsys.readouterr().err

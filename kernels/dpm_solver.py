@@ -1,0 +1,120 @@
+"""The DPM-Solver++(2M) step (ddpm_fast.dpm_solver) as one kernel, per element of sample b at
+step i = step_b, with (p, q, a, b, c) the row i of the run's coefficient table:
+
+    x0     = p x + q out                  (the model output as a data prediction; clipped when asked)
+    x_next = a x + b x0 + c x0_prev       (c = 0: first order, x0_prev not read)
+
+Contract
+- x_t, model_output, x0_prev: any shape (B, ...), float32, float16 or bfloat16, any strides;
+  step: integer (B,), checked once at the call (one host sync) unless check_step=False, clamped
+  into the table by the gather either way; coefficients float32 (steps, 5) on the images' device.
+- Returns (x_next, x0): x_next in x_t's dtype and layout, x0 in float32 and the same layout (the
+  next step's x0_prev). Arithmetic in float32.
+- A sampling op: no backward kernel; where a gradient is required the eager twin runs.
+- A PyTorch custom op (ddpm_fast::dpm_solver_step, with a fake kernel): torch.compile traces
+  through it and CUDA graphs capture it (the step index lives on the device: no host sync).
+- Tested under TRITON_INTERPRET=1 against ddpm_fast.reference.dpm_solver_step for every
+  prediction type, first and second order, clipping, dtypes, odd and non-contiguous inputs.
+
+Traffic per element (float32, bytes): reads x, the model output and x0_prev, writes x_next and
+x0: 20. diffusers' step in eager PyTorch (convert_model_output, then the 2M update on stacked
+model outputs) runs about a dozen elementwise kernels over the images: ~100.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from ddpm_fast import checks, reference
+from ddpm_fast.kernels._common import Plans, direct_call, elementwise_out, meta_key, on_input_device, use_triton
+from ddpm_fast.kernels.posterior_step import _clip, _plan
+
+
+@triton.jit
+def _dpm_solver_step_kernel(
+    X_ptr, OUT_ptr, PREV_ptr, STEP_ptr, COEF_ptr, Y_ptr, X0_ptr,
+    N, blocks_per_row, S,
+    stride_xb, stride_xn, stride_ob, stride_on, stride_pb, stride_pn, stride_s,
+    HAS_PREV: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    pid = tl.program_id(0)
+    b = (pid // blocks_per_row).to(tl.int64)
+    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < N
+    i = tl.minimum(tl.maximum(tl.load(STEP_ptr + b * stride_s), 0), S - 1)
+    row = COEF_ptr + i * 5
+    p = tl.load(row)
+    q = tl.load(row + 1)
+    a = tl.load(row + 2)
+    bb = tl.load(row + 3)
+    c = tl.load(row + 4)
+    x = tl.load(X_ptr + b * stride_xb + cols * stride_xn, mask=mask).to(tl.float32)
+    out = tl.load(OUT_ptr + b * stride_ob + cols * stride_on, mask=mask).to(tl.float32)
+    x0 = p * x + q * out
+    if CLIP:
+        x0 = _clip(x0)
+    y = a * x + bb * x0
+    if HAS_PREV:
+        prev = tl.load(PREV_ptr + b * stride_pb + cols * stride_pn, mask=mask, other=0.0).to(tl.float32)
+        y += tl.where(c != 0.0, c * prev, 0.0)  # c = 0: a buffer not yet written (NaN) stays out
+    tl.store(Y_ptr + b * N + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+    tl.store(X0_ptr + b * N + cols, x0, mask=mask)
+
+
+@on_input_device
+def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised, plan=None):
+    plan = plan or _plan(x_t, model_output, x0_prev)
+    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    x0 = torch.empty_strided(plan.y_size, plan.y_stride, dtype=torch.float32, device=x_t.device)
+    if plan.empty:
+        return y, x0
+    x2, o2, p2 = plan.rows(x_t, model_output, x0_prev)
+    _dpm_solver_step_kernel[plan.grid](
+        x2, o2, p2 if x0_prev is not None else x2, step, coefficients, y, x0,
+        plan.N, plan.blocks_per_row, coefficients.shape[0], *plan.strides, step.stride(0),
+        HAS_PREV=x0_prev is not None, CLIP=bool(clip_denoised), BLOCK=plan.block, num_warps=4,
+    )  # fmt: skip
+    return y, x0
+
+
+@torch.library.custom_op("ddpm_fast::dpm_solver_step", mutates_args=())
+def dpm_solver_step_op(
+    x_t: torch.Tensor, model_output: torch.Tensor, x0_prev: torch.Tensor | None, step: torch.Tensor,
+    coefficients: torch.Tensor, clip_denoised: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(x_next, x0): the kernel, or its eager twin where Triton does not run."""
+    if use_triton(x_t.device):
+        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised)
+    y, x0 = reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, False)
+    return elementwise_out(x_t)[0].copy_(y), elementwise_out(x_t, torch.float32)[0].copy_(x0)
+
+
+@dpm_solver_step_op.register_fake
+def _(x_t, model_output, x0_prev, step, coefficients, clip_denoised):
+    return elementwise_out(x_t)[0], elementwise_out(x_t, torch.float32)[0]
+
+
+class _Call:
+    """A call's checked metadata and launch plan (see _common.Plans)."""
+
+    def __init__(self, x_t, model_output, x0_prev, step, coefficients):
+        checks.check_dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, False)
+        self.plan = _plan(x_t, model_output, x0_prev)
+
+
+_CALLS = Plans()
+
+
+def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
+    """Fused twin of ddpm_fast.reference.dpm_solver_step (same signature)."""
+    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (x_t, model_output, x0_prev)):
+        return reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, check_step)
+    key = (meta_key(x_t), meta_key(model_output), meta_key(x0_prev), meta_key(step), meta_key(coefficients))
+    call = _CALLS.get(key, lambda: _Call(x_t, model_output, x0_prev, step, coefficients))  # checks on a miss only
+    if check_step:  # the value check: one host sync
+        checks.check_timesteps("step", step, x_t.shape[0], coefficients.shape[0], x_t.device)
+    coefficients = coefficients if coefficients.dtype == torch.float32 else coefficients.float()
+    coefficients = coefficients.contiguous()
+    if direct_call(x_t, model_output, x0_prev, step) and use_triton(x_t.device):
+        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised), plan=call.plan)
+    return dpm_solver_step_op(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised))
