@@ -414,6 +414,9 @@ def _launch_posterior_step(dtype):
                 kernels.ddim_step(x, x, t, t - 1, noise, b["alphas_cumprod"], 1.0, prediction_type,
                                   use_clipped_model_output=clipped, noise_source=source)  # fmt: skip
         kernels.ddim_step(x, x, t, t - 1, None, b["alphas_cumprod"], 0.0, prediction_type)
+        two = torch.cat([x, x], dim=1)  # a learned-range model's output: the prediction, then the variance
+        kernels.posterior_step(x, two[:, :3], t, x, *step, prediction_type=prediction_type,
+                               model_variance=two[:, 3:], max_log_variance=b["log_betas"])  # fmt: skip
         coefficients = dpm_solver_coefficients(b["alphas_cumprod"], dpm_solver_timesteps(1000, 20), prediction_type)
         for x0_prev, clip in ((None, False), (x.float(), False), (x.float(), True)):
             kernels.dpm_solver_step(x, x, x0_prev, t % 20, coefficients, clip_denoised=clip)

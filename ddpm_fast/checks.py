@@ -125,6 +125,19 @@ def check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers,
     check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device, values=check_t)
 
 
+def check_learned_variance(x_t, model_variance, max_log_variance, posterior_log_variance) -> None:
+    """A learned-range step's two extra arguments: both or neither, v like x_t, log beta like the schedule."""
+    if (model_variance is None) != (max_log_variance is None):
+        raise ValueError("model_variance and max_log_variance go together (a learned-range step needs both)")
+    if model_variance is None:
+        return
+    check_like("model_variance", model_variance, "x_t", x_t, dtype=False)
+    check_schedule("max_log_variance", max_log_variance, x_t.device)
+    if max_log_variance.shape != posterior_log_variance.shape:
+        raise ValueError(f"max_log_variance has {max_log_variance.shape[0]} timesteps but posterior_log_variance "
+                         f"has {posterior_log_variance.shape[0]}")  # fmt: skip
+
+
 def check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
                     check_t: bool = True) -> None:  # fmt: skip
     check_float("x_t", x_t, min_ndim=1)

@@ -29,7 +29,7 @@ from ddpm_fast import benchreport, interop, kernels, runs, selfcheck
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
-from ddpm_fast.schedule import BETA_END, BETA_SCHEDULES, BETA_START
+from ddpm_fast.schedule import BETA_END, BETA_SCHEDULES, BETA_START, VARIANCE_TYPES
 from ddpm_fast.train import (
     CheckpointError,
     NonFiniteLossError,
@@ -99,6 +99,8 @@ def _build(model_config: dict, fused: bool) -> DDPM:
 def _model_config(args, channels: int) -> dict:
     base = PRESETS[args.preset]
     overrides = {"in_channels": channels, "image_size": args.image_size}
+    if args.variance_type == "learned_range":  # the prediction, then the variance values
+        overrides["out_channels"] = 2 * channels
     if args.dropout is not None:
         overrides["dropout"] = args.dropout
     unet = UNetConfig(**{**asdict(base), **overrides})
@@ -114,7 +116,7 @@ _RUN_DDPM_OPTIONS = ("timesteps", "beta_schedule", "prediction_type", "variance_
                      "snr_gamma")  # fmt: skip
 # what a checkpoint from before an option existed was trained with
 _DDPM_DEFAULTS = {"beta_start": BETA_START, "beta_end": BETA_END, "snr_gamma": None}
-_PRESET_FREE = ("in_channels", "image_size", "dropout")  # set by other options than --preset
+_PRESET_FREE = ("in_channels", "out_channels", "image_size", "dropout")  # set by other options than --preset
 
 
 def _flag(dest: str) -> str:
@@ -492,8 +494,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--snr-gamma", type=_positive_float, help="min-SNR-gamma loss weighting (Hang et al. 2023), e.g. 5")
     t.add_argument("--prediction-type", choices=["epsilon", "sample", "v_prediction"], default="epsilon",
                    help="what the U-Net predicts")  # fmt: skip
-    t.add_argument("--variance-type", choices=["fixed_small", "fixed_large"], default="fixed_small",
-                   help="the reverse process variance: posterior (small) or beta_t (large)")  # fmt: skip
+    t.add_argument("--variance-type", choices=list(VARIANCE_TYPES), default="fixed_small",
+                   help="the reverse process variance: posterior (small), beta_t (large), or learned_range (the U-Net "
+                        "outputs it too, trained by the hybrid loss; Nichol & Dhariwal 2021)")  # fmt: skip
     t.add_argument("--epochs", type=_positive_int, default=100, help="passes over the data")
     t.add_argument("--max-steps", type=_positive_int, help="stop after this many optimiser steps")
     t.add_argument("--batch-size", type=_positive_int, default=128,

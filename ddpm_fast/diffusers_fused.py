@@ -194,7 +194,8 @@ def _fused_step_for(scheduler):
     cfg = scheduler.config
     common = (cfg.prediction_type in ("epsilon", "sample", "v_prediction") and not cfg.thresholding
               and (not cfg.clip_sample or cfg.clip_sample_range == 1.0))  # fmt: skip
-    if type(scheduler) is DDPMScheduler and common and cfg.variance_type in ("fixed_small", "fixed_large"):
+    if type(scheduler) is DDPMScheduler and common and cfg.variance_type in ("fixed_small", "fixed_large",
+                                                                            "learned_range"):  # fmt: skip
         return _fused_ddpm_step
     if type(scheduler) is DDIMScheduler and common and cfg.set_alpha_to_one:
         return _fused_ddim_step
@@ -210,27 +211,33 @@ def _buffers(scheduler, device, build):
 
 def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
     """DDPMScheduler.step on kernels.posterior_step, for consecutive timesteps (the pipeline's
-    default: as many inference steps as training steps) and fixed variances."""
+    default: as many inference steps as training steps), fixed or learned-range variances."""
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 
     from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, schedule_buffers
 
     t = int(timestep)
-    if self.previous_timestep(t) != t - 1 or model_output.shape != sample.shape:
+    learned = self.config.variance_type == "learned_range"
+    expected = (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned else sample.shape
+    if self.previous_timestep(t) != t - 1 or model_output.shape != expected:
         return type(self).step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
     def build():  # from the scheduler's own betas: any beta_schedule it was given
         b = schedule_buffers(self.betas.double(), self.config.variance_type)
-        return [b[name].to(sample.device) for name in POSTERIOR_STEP_BUFFERS]
+        return [b[name].to(sample.device) for name in (*POSTERIOR_STEP_BUFFERS, "log_betas")]
 
-    bufs = _buffers(self, sample.device, build)
+    *bufs, log_betas = _buffers(self, sample.device, build)
+    variance = {}
+    if learned:  # diffusers' split: the prediction, then the variance values
+        model_output, values = model_output.split(sample.shape[1], dim=1)
+        variance = dict(model_variance=values, max_log_variance=log_betas)
     # the noise diffusers draws, from the same generator, after the same draws: the same images
     noise = (randn_tensor(model_output.shape, generator=generator, device=model_output.device,
                           dtype=model_output.dtype) if t > 0 else torch.zeros_like(sample))  # fmt: skip
     tt = torch.full((sample.shape[0],), t, device=sample.device, dtype=torch.long)
     prev = kernels.posterior_step(sample, model_output, tt, noise, *bufs, self.config.prediction_type,
-                                  bool(self.config.clip_sample), check_t=False)  # fmt: skip
+                                  bool(self.config.clip_sample), check_t=False, **variance)  # fmt: skip
     return DDPMSchedulerOutput(prev_sample=prev, pred_original_sample=None) if return_dict else (prev, None)
 
 

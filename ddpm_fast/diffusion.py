@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from ddpm_fast import checks, graphs, reference
 from ddpm_fast.profiling import nvtx_range
-from ddpm_fast.schedule import BETA_END, BETA_START, extract, make_betas, schedule_buffers
+from ddpm_fast.schedule import BETA_END, BETA_START, NOT_IN_STATE_DICT, extract, make_betas, schedule_buffers
 
 TIMESTEP_SPACINGS = ("leading", "linspace", "trailing")
 # Sampling starts from x_T ~ N(0, I); a schedule whose alphas_cumprod[-1] is above this leaves
@@ -118,8 +118,11 @@ class DDPM(nn.Module):
                 raise ValueError(f"image_size {image_size} must be divisible by {factor}, the U-Net's downsampling")
             if config.in_channels != channels:
                 raise ValueError(f"channels is {channels} but the model takes {config.in_channels} input channels")
-            if (config.out_channels or config.in_channels) != channels:
-                raise ValueError(f"channels is {channels} but the model outputs {config.out_channels} channels")
+            outputs = 2 * channels if variance_type == "learned_range" else channels
+            if (config.out_channels or config.in_channels) != outputs:
+                why = " (learned_range: the prediction, then the variance)" if variance_type == "learned_range" else ""
+                raise ValueError(f"variance_type {variance_type!r} needs a model with {outputs} output channels{why}, "
+                                 f"got out_channels={config.out_channels or config.in_channels}")  # fmt: skip
 
         self.model = model
         self.image_size, self.channels, self.num_timesteps = image_size, channels, timesteps
@@ -132,7 +135,7 @@ class DDPM(nn.Module):
             raise ValueError(f"snr_gamma must be a positive number or None, got {snr_gamma!r}")
         self.snr_gamma = None if snr_gamma is None else float(snr_gamma)
         for name, value in schedule_buffers(betas, variance_type).items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, value, persistent=name not in NOT_IN_STATE_DICT)
         _warn_if_short(self.alphas_cumprod, beta_schedule, timesteps)
         self._graphs = graphs.GraphCache()
         self.set_fused(fused)
@@ -242,6 +245,10 @@ class DDPM(nn.Module):
         that is passed is checked (one host sync; check_t=False checks only its metadata), a
         drawn one needs no check: no host sync.
 
+        variance_type "learned_range" (Nichol & Dhariwal 2021): the model outputs the prediction
+        and the variance values, and the loss is L_hybrid = L_simple + 0.001 L_vlb, the variance
+        term on the prediction with its gradient stopped (ddpm_fast.vlb, improved-diffusion's).
+
         With snr_gamma (Hang et al. 2023, "min-SNR-gamma"), each sample's mean squared error is
         weighed by min(SNR_t, gamma) / SNR_t for epsilon, min(SNR_t, gamma) / (SNR_t + 1) for
         v_prediction and min(SNR_t, gamma) for sample, SNR_t = abar_t / (1 - abar_t), and the
@@ -258,7 +265,8 @@ class DDPM(nn.Module):
         elif isinstance(noise, torch.Tensor) and noise.is_floating_point() and noise.dtype != x0.dtype:
             noise = noise.to(x0.dtype)
         with nvtx_range("forward"):
-            out = self._model(self._q_sample(x0, t, noise), t)
+            x_t = self._q_sample(x0, t, noise)
+            out, variance = self._split(self._model(x_t, t))
         with nvtx_range("loss"):
             if self.prediction_type == "epsilon":
                 target = noise
@@ -269,10 +277,17 @@ class DDPM(nn.Module):
                     extract(self.sqrt_alphas_cumprod, t, x0.shape) * noise
                     - extract(self.sqrt_one_minus_alphas_cumprod, t, x0.shape) * x0
                 )
-            if self.snr_gamma is None:
+            if self.snr_gamma is None and variance is None:
                 return F.mse_loss(out.float(), target.float())
             per_sample = F.mse_loss(out.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
-            return (per_sample * self.snr_weights(t)).mean()
+            if self.snr_gamma is not None:
+                per_sample = per_sample * self.snr_weights(t)
+            if variance is not None:  # the hybrid loss: lambda L_vlb on a stop-gradient mean (vlb.py)
+                from ddpm_fast import vlb
+
+                terms = vlb.vb_term(self, x0, x_t, t, out, variance)
+                per_sample = per_sample + terms * (self.num_timesteps * vlb.HYBRID_LAMBDA)
+            return per_sample.mean()
 
     def snr_weights(self, t: torch.Tensor) -> torch.Tensor:
         """The min-SNR-gamma loss weight of each t (float32, shape (B,)); ones without snr_gamma."""
@@ -310,11 +325,32 @@ class DDPM(nn.Module):
         checks.check_noise_source(noise_source)
         return self._p_sample(x_t, t, noise, clip_denoised, generator, noise_source)
 
+    @property
+    def learned_variance(self) -> bool:
+        """The model outputs its reverse-process variance too (variance_type "learned_range")."""
+        return self.variance_type == "learned_range"
+
+    def _split(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(prediction, variance values or None): a learned-variance model's 2C output channels
+        split (views, no copy), as diffusers and improved-diffusion split them."""
+        if not self.learned_variance:
+            return out, None
+        if out.shape[1] != 2 * self.channels:
+            raise ValueError(f"variance_type 'learned_range': the model must output {2 * self.channels} channels "
+                             f"(prediction, variance), got {out.shape[1]}")  # fmt: skip
+        return out[:, : self.channels], out[:, self.channels :]
+
+    def _prediction(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The model's prediction alone (DDIM and DPM-Solver++ take no learned variance)."""
+        return self._split(self._model(x, t))[0]
+
     def _p_sample(self, x_t, t, noise, clip_denoised, generator, noise_source="torch"):
         with nvtx_range("sampling step"):
+            out, variance = self._split(self._model(x_t, t))
+            learned = {} if variance is None else dict(model_variance=variance, max_log_variance=self.log_betas)
             return self._ops(x_t.device).posterior_step(
                 x_t,
-                self._model(x_t, t),
+                out,
                 t,
                 noise,
                 self.sqrt_recip_alphas_cumprod,
@@ -327,6 +363,7 @@ class DDPM(nn.Module):
                 generator=generator,
                 noise_source=noise_source,
                 check_t=False,
+                **learned,
             )
 
     def _memory_format(self) -> torch.memory_format:
@@ -434,7 +471,7 @@ class DDPM(nn.Module):
             with nvtx_range("sampling step"):
                 return self._ops(x.device).ddim_step(
                     x,
-                    self._model(x, t),
+                    self._prediction(x, t),
                     t,
                     t_prev,
                     None,
@@ -483,7 +520,7 @@ class DDPM(nn.Module):
 
         def step(x, t, i, gen):  # i: the step's row of the coefficient table, on the device
             with nvtx_range("sampling step"):
-                out = self._model(x, t)
+                out = self._prediction(x, t)
                 x_next, x0 = self._ops(x.device).dpm_solver_step(x, out, x0_prev, i, coefficients, clip_denoised,
                                                                  check_step=False)  # fmt: skip
                 x0_prev.copy_(x0)  # in place: a CUDA graph replays on the same buffer

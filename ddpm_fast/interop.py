@@ -231,8 +231,8 @@ def _scheduler_kwargs(path: str | None) -> dict:
     if schedule is None and trained is None:
         raise ConversionError(f"beta_schedule {name!r}: only linear, scaled_linear, squaredcos_cap_v2 or trained_betas")
     variance = sched.get("variance_type", "fixed_small")
-    if variance not in ("fixed_small", "fixed_large"):
-        raise ConversionError(f"variance_type {variance!r}: only fixed_small or fixed_large")
+    if variance not in ("fixed_small", "fixed_large", "learned_range"):
+        raise ConversionError(f"variance_type {variance!r}: only fixed_small, fixed_large or learned_range")
     kwargs = {"timesteps": sched.get("num_train_timesteps", 1000), "beta_schedule": schedule or "linear",
               "prediction_type": sched.get("prediction_type", "epsilon"), "variance_type": variance,
               "beta_start": sched.get("beta_start", BETA_START),

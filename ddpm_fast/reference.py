@@ -84,6 +84,8 @@ def posterior_step(
     generator=None,
     noise_source="torch",
     check_t=True,
+    model_variance=None,
+    max_log_variance=None,
 ):
     """One ancestral step x_t -> x_{t-1} of Ho et al.'s Algorithm 2.
 
@@ -92,12 +94,18 @@ def posterior_step(
     t > 0, sigma_t = exp(posterior_log_variance[t] / 2). `noise` is z; when None it
     is drawn with torch.randn from `generator`. noise_source="philox" asks the fused kernel to
     draw z itself; this eager twin has no in-kernel generator and draws from torch's.
+
+    Learned variance ("learned_range", Nichol & Dhariwal 2021, eq. 15): with `model_variance` v
+    (the model's variance channels, x_t's shape) and `max_log_variance` (log beta, (T,)), the
+    log variance is per element frac max_log_variance[t] + (1 - frac) posterior_log_variance[t],
+    frac = (v + 1) / 2, as diffusers' DDPMScheduler and improved-diffusion compute it.
     """
     checks.check_posterior_step(
         x_t, model_output, t, noise, prediction_type,
         sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod,
         posterior_mean_coef1, posterior_mean_coef2, posterior_log_variance, check_t=check_t,
     )  # fmt: skip
+    checks.check_learned_variance(x_t, model_variance, max_log_variance, posterior_log_variance)
     checks.check_noise_source(noise_source)
     noise = draw_noise(x_t, noise, generator)
     t = clamp_t(t, sqrt_recip_alphas_cumprod.shape[0], check_t)
@@ -113,7 +121,11 @@ def posterior_step(
     if clip_denoised:
         x0 = x0.clamp(-1.0, 1.0)
     mean = gather(posterior_mean_coef1, t, shape, acc) * x0 + gather(posterior_mean_coef2, t, shape, acc) * x
-    std = torch.exp(0.5 * gather(posterior_log_variance, t, shape, acc))
+    log_variance = gather(posterior_log_variance, t, shape, acc)
+    if model_variance is not None:
+        frac = (model_variance.to(acc) + 1.0) / 2.0
+        log_variance = frac * gather(max_log_variance, t, shape, acc) + (1.0 - frac) * log_variance
+    std = torch.exp(0.5 * log_variance)
     nonzero = (t > 0).to(acc).reshape(-1, *((1,) * (len(shape) - 1)))
     return (mean + nonzero * std * noise.to(acc)).to(x_t.dtype)
 

@@ -19,7 +19,9 @@ POSTERIOR_STEP_BUFFERS = (
     "posterior_mean_coef2",
     "posterior_log_variance",
 )
-VARIANCE_TYPES = ("fixed_small", "fixed_large")
+# Buffers a DDPM keeps out of its state_dict (added after checkpoints existed; derived from betas).
+NOT_IN_STATE_DICT = ("log_betas",)
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned_range")  # learned_range: Nichol & Dhariwal (2021)
 
 
 def linear_beta_schedule(timesteps: int, beta_start: float = BETA_START, beta_end: float = BETA_END) -> torch.Tensor:
@@ -87,7 +89,9 @@ def schedule_buffers(betas: torch.Tensor, variance_type: str = "fixed_small") ->
 
     `posterior_log_variance` is the log variance of the reverse step for the chosen
     variance_type: fixed_small uses the true posterior variance beta~_t (eq. 7), clipped
-    at t = 0 where it is 0; fixed_large uses beta_t, with beta~_1 at t = 0 (as Ho et al.).
+    at t = 0 where it is 0; fixed_large uses beta_t, with beta~_1 at t = 0 (as Ho et al.);
+    learned_range keeps fixed_small's, the low end of the range the model interpolates in
+    (log beta~_t to log beta_t: `log_betas`).
     """
     if variance_type not in VARIANCE_TYPES:
         raise ValueError(f"variance_type must be one of {VARIANCE_TYPES}, got {variance_type!r}")
@@ -103,13 +107,14 @@ def schedule_buffers(betas: torch.Tensor, variance_type: str = "fixed_small") ->
     # beta~_0 = 0: clip the log at t = 0 with beta~_1 (only the mean is used there).
     clipped = torch.cat([posterior_variance[1:2], posterior_variance[1:]])
     posterior_log_variance_clipped = torch.log(clipped)
-    if variance_type == "fixed_small":
+    if variance_type in ("fixed_small", "learned_range"):
         posterior_log_variance = posterior_log_variance_clipped
     else:
         posterior_log_variance = torch.log(torch.cat([posterior_variance[1:2], betas[1:]]))
 
     buffers = {
         "betas": betas,
+        "log_betas": betas.log(),
         "alphas_cumprod": alphas_cumprod,
         "alphas_cumprod_prev": alphas_cumprod_prev,
         "sqrt_alphas_cumprod": alphas_cumprod.sqrt(),

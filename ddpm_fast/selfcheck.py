@@ -141,6 +141,15 @@ def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
             "posterior_step", sampling, dtype, lambda *a: kernels.posterior_step(*a, *step),
             lambda *a: reference.posterior_step(*a, *step), (x_t, out, t, z),
         ))  # fmt: skip
+        two = randn(sampling[0], 2 * sampling[1], *sampling[2:], dtype=dtype)  # prediction, then variance values
+        cases.append(_case(
+            "posterior_step learned_range", sampling, dtype,
+            lambda x, o, t, z: kernels.posterior_step(x, o[:, :3], t, z, *step, model_variance=o[:, 3:].tanh(),
+                                                      max_log_variance=bufs["log_betas"]),
+            lambda x, o, t, z: reference.posterior_step(x, o[:, :3], t, z, *step, model_variance=o[:, 3:].tanh(),
+                                                        max_log_variance=bufs["log_betas"]),
+            (x_t, two, t, z),
+        ))  # fmt: skip
         cases.append(_case(
             "ddim_step eta=0.5", sampling, dtype, lambda *a: kernels.ddim_step(*a, ac, 0.5),
             lambda *a: reference.ddim_step(*a, ac, 0.5), (x_t, out, t, (t - 10).clamp(min=-1), z),

@@ -68,7 +68,7 @@ def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_den
     x0 = torch.empty_strided(plan.y_size, plan.y_stride, dtype=torch.float32, device=x_t.device)
     if plan.empty:
         return y, x0
-    x2, o2, p2 = plan.rows(x_t, model_output, x0_prev)
+    x2, o2, p2, _ = plan.rows(x_t, model_output, x0_prev)
     _dpm_solver_step_kernel[plan.grid](
         x2, o2, p2 if x0_prev is not None else x2, step, coefficients, y, x0,
         plan.N, plan.blocks_per_row, coefficients.shape[0], *plan.strides, step.stride(0),

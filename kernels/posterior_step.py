@@ -113,11 +113,11 @@ def _load_noise(NOISE_ptr, SEED_ptr, b, cols, N, stride_zb, stride_zn, mask, HAS
 @triton.jit
 def _posterior_step_kernel(
     X_ptr, OUT_ptr, NOISE_ptr, SEED_ptr, T_ptr,
-    SR_ptr, SRM1_ptr, COEF1_ptr, COEF2_ptr, LOGVAR_ptr, Y_ptr,
+    SR_ptr, SRM1_ptr, COEF1_ptr, COEF2_ptr, LOGVAR_ptr, Y_ptr, VAR_ptr, MAXLOG_ptr,
     N, blocks_per_row, T,
-    stride_xb, stride_xn, stride_ob, stride_on, stride_zb, stride_zn, stride_t,
+    stride_xb, stride_xn, stride_ob, stride_on, stride_zb, stride_zn, stride_vb, stride_vn, stride_t,
     PRED: tl.constexpr, CLIP: tl.constexpr, HAS_NOISE: tl.constexpr, FAST_TRIG: tl.constexpr,
-    BLOCK: tl.constexpr,
+    LEARNED: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
     b = (pid // blocks_per_row).to(tl.int64)
@@ -129,7 +129,12 @@ def _posterior_step_kernel(
     srm1 = tl.load(SRM1_ptr + t)
     c1 = tl.load(COEF1_ptr + t)
     c2 = tl.load(COEF2_ptr + t)
-    std = tl.where(t > 0, tl.exp(0.5 * tl.load(LOGVAR_ptr + t)), 0.0)
+    log_var = tl.load(LOGVAR_ptr + t)
+    if LEARNED:  # the model's v in [-1, 1] interpolates the log variance from log beta~ to log beta
+        v = tl.load(VAR_ptr + b * stride_vb + cols * stride_vn, mask=mask).to(tl.float32)
+        frac = (v + 1.0) * 0.5
+        log_var = frac * tl.load(MAXLOG_ptr + t) + (1.0 - frac) * log_var
+    std = tl.where(t > 0, tl.exp(0.5 * log_var), 0.0)
     x = tl.load(X_ptr + b * stride_xb + cols * stride_xn, mask=mask).to(tl.float32)
     out = tl.load(OUT_ptr + b * stride_ob + cols * stride_on, mask=mask).to(tl.float32)
     # x_0 from the model output, clipped; posterior mean (eq. 7); noise where t > 0.
@@ -191,14 +196,14 @@ class _StepPlan:
     _common.Plans): the output's layout, the (B, N) strides each tensor is walked with (its own
     memory where its dims collapse so; a copy per call where they do not), the block and grid."""
 
-    def __init__(self, x_t, model_output, noise):
+    def __init__(self, x_t, model_output, noise, extra=None):
         y, self.order = elementwise_out(x_t)
         self.y_size, self.y_stride = tuple(y.shape), y.stride()
         self.empty = y.numel() == 0
         if self.empty:
             return
         self.copy, strides = [], []
-        for x in (x_t, model_output, noise if noise is not None else x_t):
+        for x in (x_t, model_output, noise if noise is not None else x_t, extra if extra is not None else x_t):
             rows = as_rows(x, self.order)
             self.copy.append(rows.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
             strides += rows.stride()
@@ -206,12 +211,12 @@ class _StepPlan:
         self.N, self.block = N, elementwise_block(N)
         self.blocks_per_row = cdiv(N, self.block)
         self.grid = (B * self.blocks_per_row,)
-        self.strides = tuple(strides)
+        self.strides, self.extra_strides = tuple(strides[:6]), tuple(strides[6:])  # (x_t, out, noise); extra
 
-    def rows(self, x_t, model_output, noise):
-        """The three tensors as the kernel reads them: themselves, or (B, N) copies."""
+    def rows(self, x_t, model_output, noise, extra=None):
+        """The tensors as the kernel reads them: themselves, or (B, N) copies."""
         out = []
-        for x, copy in zip((x_t, model_output, noise), self.copy):
+        for x, copy in zip((x_t, model_output, noise, extra), self.copy):
             out.append(as_rows(x, self.order) if copy and x is not None else x)
         return out
 
@@ -219,23 +224,26 @@ class _StepPlan:
 _PLANS = Plans()
 
 
-def _plan(x_t, model_output, noise) -> _StepPlan:
-    key = (meta_key(x_t), meta_key(model_output), meta_key(noise))
-    return _PLANS.get(key, lambda: _StepPlan(x_t, model_output, noise))
+def _plan(x_t, model_output, noise, extra=None) -> _StepPlan:
+    key = (meta_key(x_t), meta_key(model_output), meta_key(noise), meta_key(extra))
+    return _PLANS.get(key, lambda: _StepPlan(x_t, model_output, noise, extra))
 
 
 @on_input_device
-def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan=None):
-    plan = plan or _plan(x_t, model_output, noise)
+def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan=None,
+                       model_variance=None, max_log_variance=None):  # fmt: skip
+    plan = plan or _plan(x_t, model_output, noise, model_variance)
     y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
         return y
-    x2, o2, z2 = plan.rows(x_t, model_output, noise)
+    x2, o2, z2, v2 = plan.rows(x_t, model_output, noise, model_variance)
+    learned = model_variance is not None
     _posterior_step_kernel[plan.grid](
         x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, *buffers, y,
-        plan.N, plan.blocks_per_row, buffers[0].shape[0], *plan.strides, t.stride(0),
+        v2 if learned else x2, max_log_variance if learned else buffers[4],
+        plan.N, plan.blocks_per_row, buffers[0].shape[0], *plan.strides, *plan.extra_strides, t.stride(0),
         PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=noise is not None,
-        FAST_TRIG=not interpreter_on(), BLOCK=plan.block, num_warps=4,
+        FAST_TRIG=not interpreter_on(), LEARNED=learned, BLOCK=plan.block, num_warps=4,
     )  # fmt: skip
     return y
 
@@ -247,7 +255,7 @@ def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta
     y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
         return y
-    x2, o2, z2 = plan.rows(x_t, model_output, noise)
+    x2, o2, z2, _ = plan.rows(x_t, model_output, noise)
     _ddim_step_kernel[plan.grid](
         x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, t_prev, alphas_cumprod, y,
         float(eta), plan.N, plan.blocks_per_row, alphas_cumprod.shape[0], *plan.strides, t.stride(0), t_prev.stride(0),
@@ -275,15 +283,19 @@ def posterior_step_op(
     x_t: torch.Tensor, model_output: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None,
     seed: torch.Tensor | None, sqrt_recip_alphas_cumprod: torch.Tensor, sqrt_recipm1_alphas_cumprod: torch.Tensor,
     posterior_mean_coef1: torch.Tensor, posterior_mean_coef2: torch.Tensor, posterior_log_variance: torch.Tensor,
-    prediction_type: str, clip_denoised: bool,
+    prediction_type: str, clip_denoised: bool, model_variance: torch.Tensor | None = None,
+    max_log_variance: torch.Tensor | None = None,
 ) -> torch.Tensor:  # fmt: skip
-    """One DDPM step; z from `noise`, or from Philox keyed by `seed` (one of the two is given)."""
+    """One DDPM step; z from `noise`, or from Philox keyed by `seed` (one of the two is given);
+    the learned-range variance where model_variance and max_log_variance are given."""
     buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
                posterior_log_variance)  # fmt: skip
     if use_triton(x_t.device):
-        return posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised)
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised,
+                                  model_variance=model_variance, max_log_variance=max_log_variance)  # fmt: skip
     z = _eager_noise(x_t, noise, seed)
-    out = reference.posterior_step(x_t, model_output, t, z, *buffers, prediction_type, clip_denoised, check_t=False)
+    out = reference.posterior_step(x_t, model_output, t, z, *buffers, prediction_type, clip_denoised, check_t=False,
+                                   model_variance=model_variance, max_log_variance=max_log_variance)  # fmt: skip
     return elementwise_out(x_t)[0].copy_(out)
 
 
@@ -349,9 +361,9 @@ class _Call:
     DDPM's own) are passed as they are, others converted per call, so an in-place change to
     either is always seen."""
 
-    def __init__(self, check, x_t, model_output, noise, buffers):
+    def __init__(self, check, x_t, model_output, noise, buffers, extra=None):
         check()
-        self.plan = _plan(x_t, model_output, noise)
+        self.plan = _plan(x_t, model_output, noise, extra)
         self.drawn = None  # the plan with the noise a call without one draws (always laid out alike)
         self.held = buffers
         ready = all(b.dtype == torch.float32 and b.is_contiguous() for b in buffers)
@@ -360,12 +372,12 @@ class _Call:
     def buffers(self):
         return self.ready if self.ready is not None else tuple(b.float().contiguous() for b in self.held)
 
-    def plan_for(self, x_t, model_output, given, noise) -> _StepPlan:
+    def plan_for(self, x_t, model_output, given, noise, extra=None) -> _StepPlan:
         """The plan for this call's noise: the key's (given, or none at all), or the drawn one's."""
         if given is not None or noise is None:
             return self.plan
         if self.drawn is None:
-            self.drawn = _plan(x_t, model_output, noise)
+            self.drawn = _plan(x_t, model_output, noise, extra)
         return self.drawn
 
 
@@ -391,30 +403,39 @@ def posterior_step(
     generator=None,
     noise_source="torch",
     check_t=True,
+    model_variance=None,
+    max_log_variance=None,
 ):
     """Fused twin of ddpm_fast.reference.posterior_step (same signature)."""
     buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
                posterior_log_variance)  # fmt: skip
-    if _wants_grad(x_t, model_output):
+    learned = dict(model_variance=model_variance, max_log_variance=max_log_variance)
+    if _wants_grad(x_t, model_output, *(v for v in (model_variance,) if v is not None)):
         return reference.posterior_step(x_t, model_output, t, noise, *buffers, prediction_type, clip_denoised,
-                                        generator, noise_source, check_t)  # fmt: skip
+                                        generator, noise_source, check_t, **learned)  # fmt: skip
 
     def check():
         checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=False)
+        checks.check_learned_variance(x_t, model_variance, max_log_variance, posterior_log_variance)
         checks.check_noise_source(noise_source)
 
-    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), _buffers_key(buffers),
-           prediction_type, noise_source)  # fmt: skip
-    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, buffers))  # checks on a miss only
+    all_buffers = buffers if max_log_variance is None else (*buffers, max_log_variance)
+    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), _buffers_key(all_buffers),
+           prediction_type, noise_source, meta_key(model_variance))  # fmt: skip
+    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, all_buffers, model_variance))
     if check_t:  # the value check: one host sync
         checks.check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
     given = noise
     noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
-    if direct_call(x_t, model_output, t, noise) and use_triton(x_t.device):
-        plan = call.plan_for(x_t, model_output, given, noise)
-        return posterior_step_fwd(x_t, model_output, t, noise, seed, call.buffers(), prediction_type,
-                                  bool(clip_denoised), plan=plan)  # fmt: skip
-    return posterior_step_op(x_t, model_output, t, noise, seed, *call.buffers(), prediction_type, bool(clip_denoised))
+    step_buffers = call.buffers()
+    variance = {} if model_variance is None else dict(model_variance=model_variance, max_log_variance=step_buffers[5])
+    step_buffers = step_buffers[:5]
+    if direct_call(x_t, model_output, t, noise, model_variance) and use_triton(x_t.device):
+        plan = call.plan_for(x_t, model_output, given, noise, model_variance)
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
+                                  bool(clip_denoised), plan=plan, **variance)  # fmt: skip
+    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type, bool(clip_denoised),
+                             **variance)  # fmt: skip
 
 
 def ddim_step(

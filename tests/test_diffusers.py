@@ -188,7 +188,8 @@ def test_a_diffusers_folder_samples_with_the_fused_kernels(tmp_path, monkeypatch
     sched.save_pretrained(tmp_path / "scheduler")
     unet, kwargs = interop.load_diffusers(str(tmp_path))
     assert kwargs == {"image_size": 8, "channels": 3, "timesteps": 5, "beta_schedule": "linear",
-                      "prediction_type": "epsilon", "variance_type": "fixed_large"}  # fmt: skip
+                      "prediction_type": "epsilon", "variance_type": "fixed_large", "beta_start": 1e-4,
+                      "beta_end": 0.02}  # fmt: skip
     fast = FastDDPM(unet, **kwargs).eval()
     reference = DDPM(model, **kwargs).eval()  # a diffusers model inside DDPM: model(x, t).sample
     ours = fast.sample(2, generator=generator(0), progress=False)
@@ -242,7 +243,8 @@ def test_an_exported_pipeline_folder_is_diffusers_own_with_the_runs_schedule(tmp
         torch.testing.assert_close(pipe.unet(x, t).sample, ddpm.model.eval()(x, t), rtol=1e-5, atol=1e-5)
     _, kwargs = interop.load_diffusers(str(tmp_path))
     assert kwargs == {"image_size": 8, "channels": 3, "timesteps": 50, "beta_schedule": schedule,
-                      "prediction_type": prediction, "variance_type": variance}  # fmt: skip
+                      "prediction_type": prediction, "variance_type": variance, "beta_start": 1e-4,
+                      "beta_end": 0.02}  # fmt: skip
 
 
 # -- ddpm_fast.fuse on diffusers' own models ----------------------------------------------------------
@@ -308,22 +310,24 @@ def test_fuse_leaves_what_it_does_not_cover_on_diffusers_path_and_says_how_many(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddpm", "ddim"])
+@pytest.mark.parametrize("kind", ["ddpm", "ddpm_learned_range", "ddim"])
 def test_fuse_a_pipeline_gives_its_images_with_the_fused_step(kind, monkeypatch):
     """fuse(DDPMPipeline / DDIMPipeline): the unet fused and the scheduler's step on the fused
     reverse-step kernel (it really runs), the pipeline's images those of the unfused pipeline for
-    the same generator (cosine betas, v-prediction, fixed_large, clipping; DDIM with eta > 0
-    draws its noise as diffusers does); unfuse puts diffusers' step back."""
+    the same generator (cosine betas, v-prediction, fixed_large or a learned range (a 6-channel
+    unet), clipping; DDIM with eta > 0 draws its noise as diffusers does); unfuse puts
+    diffusers' step back."""
     from diffusers import DDIMPipeline, DDPMPipeline
 
     from ddpm_fast import fuse, kernels, unfuse
 
     monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
-    unet = diffusers_unet(SMALL).cpu()
+    unet = diffusers_unet({**SMALL, "out_channels": 6} if kind == "ddpm_learned_range" else SMALL).cpu()
     options = dict(num_train_timesteps=4, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
                    clip_sample=True)  # fmt: skip
-    if kind == "ddpm":
-        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type="fixed_large", **options))
+    if kind.startswith("ddpm"):
+        variance = "fixed_large" if kind == "ddpm" else "learned_range"
+        pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=variance, **options))
         run = dict(num_inference_steps=4)
     else:
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**options))
@@ -335,7 +339,7 @@ def test_fuse_a_pipeline_gives_its_images_with_the_fused_step(kind, monkeypatch)
 
     expected = images()
     steps = []
-    op = "posterior_step" if kind == "ddpm" else "ddim_step"
+    op = "posterior_step" if kind.startswith("ddpm") else "ddim_step"
     real = getattr(kernels, op)
     monkeypatch.setattr(kernels, op, lambda *a, **k: steps.append(1) or real(*a, **k))
     from diffusers.models.attention_processor import Attention

@@ -242,3 +242,24 @@ def test_cli_recipes_are_recorded_and_sample_rebuilds_them(tmp_path, capsys):
         main(["train", "--max-steps", "1", "--beta-schedule", "cosine", "--beta-end", "0.03", *common,
               "--out", str(tmp_path / "c")])  # fmt: skip
     assert e.value.code == 2 and "cosine has neither" in capsys.readouterr().err
+
+
+def test_cli_learned_variance_trains_samples_and_exports(tmp_path):
+    """--variance-type learned_range: the U-Net gets 2C output channels (recorded), the hybrid loss
+    trains it, `sample` and a diffusers export (its scheduler says learned_range) read it back."""
+    out = str(tmp_path / "run")
+    main(["train", "--dataset", "digits", "--image-size", "8", "--preset", "demo", "--max-steps", "2",
+          "--batch-size", "16", "--timesteps", "20", "--sample-every", "0", "--num-workers", "0", "--no-fused",
+          "--beta-schedule", "cosine", "--variance-type", "learned_range", "--out", out,
+          "--device", "cpu"])  # fmt: skip
+    ckpt = os.path.join(out, "checkpoint.pt")
+    state = load_checkpoint(ckpt)
+    assert state["config"]["model"]["unet"]["out_channels"] == 2
+    assert state["config"]["model"]["ddpm"]["variance_type"] == "learned_range"
+    assert state["model"]["model.conv_out.weight"].shape[0] == 2
+    main(["sample", "--checkpoint", ckpt, "--n", "2", "--device", "cpu", "--no-fused",
+          "--out", str(tmp_path / "a.npz")])  # fmt: skip
+    main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "folder"), "--format", "diffusers"])
+    unet, kwargs = interop.load_diffusers(str(tmp_path / "folder"))
+    assert kwargs["variance_type"] == "learned_range" and unet.config.out_channels == 2
+    DDPM(unet, **kwargs)  # rebuilds
