@@ -128,3 +128,22 @@ def test_launches_per_sampling_step(benchmark, batch, path):
     info = benchmark.extra_info
     info.update(kernels=counts["total"], triton=counts["triton"], aten=counts["aten"], path=path, batch=batch)
     info["aten_ops"] = counts["aten_ops"]
+
+
+@pytest.mark.parametrize("draw", ["one generator", "per-image generators"])
+@pytest.mark.parametrize("batch", [16, 256])
+def test_step_noise_draw(benchmark, batch, draw):
+    """One sampling step's noise for a batch of 32x32 RGB images: one torch.randn from one
+    generator, or one draw per image from its own generator (what `ddpm-fast sample` does so that
+    each image is the same whatever its batch or process: reference.randn). On a CPU the draw
+    itself is timed; on a GPU the per-image loop adds about one launch per image to each step."""
+    from ddpm_fast import reference
+    from ddpm_fast.sampling import image_generators
+
+    benchmark.group = f"step noise draw, batch {batch}, 3x32x32 (host), CPU"
+    shape = (batch, 3, 32, 32)
+    gen = image_generators(0, range(batch), "cpu") if draw != "one generator" else torch.Generator().manual_seed(0)
+    benchmark.pedantic(lambda: reference.randn(shape, gen, "cpu"), rounds=20, iterations=5, warmup_rounds=2)
+    info = benchmark.extra_info
+    info["us per step"] = round(benchmark.stats.stats.mean * 1e6, 1)
+    info["torch"], info["device"] = torch.__version__, "cpu"

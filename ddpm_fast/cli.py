@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
-from ddpm_fast import benchreport, interop, kernels, runs, selfcheck
+from ddpm_fast import benchreport, interop, kernels, runs, sampling, selfcheck
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
 from ddpm_fast.fast import FastDDPM
@@ -308,61 +308,77 @@ def _load_diffusers(path: str, fused: bool, device: torch.device) -> DDPM:
 CUDA_GRAPH = {"auto": "auto", "on": True, "off": False}
 
 
-def generate(ddpm: DDPM, n: int, args, device: torch.device) -> torch.Tensor:
-    """n images in [0, 1] as float32 on the CPU, sampled in batches of args.batch_size with one
-    generator (the same seed gives the same images whatever the batch size of the last batch)."""
-    generator = torch.Generator(device).manual_seed(args.seed)
-    out = []
-    for start in range(0, n, args.batch_size):
-        b = min(args.batch_size, n - start)
-        kwargs = dict(generator=generator, device=device, progress=n <= args.batch_size,
-                      cuda_graph=CUDA_GRAPH[args.cuda_graph])  # fmt: skip
+def draw_batch(ddpm: DDPM, args, device: torch.device):
+    """draw(b, generators): b images in [-1, 1] from the chosen sampler, one generator per image."""
+
+    def draw(b: int, generators) -> torch.Tensor:
+        kwargs = dict(generator=generators, device=device, progress=False, cuda_graph=CUDA_GRAPH[args.cuda_graph])
         try:
             if args.sampler == "ddpm":
-                images = ddpm.sample(b, **kwargs)
-            elif args.sampler == "dpm++":
-                images = ddpm.dpm_solver_sample(b, steps=args.steps, **kwargs)
-            else:
-                images = ddpm.ddim_sample(
-                    b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs
-                )
+                return ddpm.sample(b, **kwargs)
+            if args.sampler == "dpm++":
+                return ddpm.dpm_solver_sample(b, steps=args.steps, **kwargs)
+            return ddpm.ddim_sample(b, steps=args.steps, eta=args.eta, timestep_spacing=args.timestep_spacing, **kwargs)
         except RuntimeError as e:  # torch.OutOfMemoryError on a GPU; the CPU allocator's RuntimeError
             if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
                 raise
             why = " ".join(str(e).split())[:160]
             raise MemoryError(f"--batch-size {args.batch_size}: a batch of {b} images does not fit in {device}'s "
                               f"memory ({why}); pass a smaller --batch-size") from None  # fmt: skip
-        out.append(((images.float().clamp(-1, 1) + 1) / 2).cpu())
-        if n > args.batch_size:
-            print(f"  {start + b}/{n} samples", flush=True)
-    return torch.cat(out)
+
+    return draw
 
 
-def save_images(images: torch.Tensor, path: str) -> None:
-    """A PNG grid, or an .npz of uint8 NHWC images under arr_0 (what openai's FID evaluator and
-    torch-fidelity read)."""
+def save_images(images: np.ndarray, path: str) -> None:
+    """uint8 NHWC images as a PNG grid, or an .npz under arr_0 (what openai's FID evaluator and
+    torch-fidelity read), written to a temporary file and renamed."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if path.endswith(".npz"):
-        np.savez(path, arr_0=(images * 255).round().byte().permute(0, 2, 3, 1).numpy())
+
+        def write(tmp):
+            with open(tmp, "wb") as f:
+                np.savez(f, arr_0=images)
     else:
-        save_image(images, path, nrow=int(np.ceil(np.sqrt(images.shape[0]))), padding=1)
+        grid = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255
+
+        def write(tmp):
+            save_image(grid, tmp, nrow=int(np.ceil(np.sqrt(images.shape[0]))), padding=1,
+                       format=os.path.splitext(path)[1][1:].replace("jpg", "jpeg"))  # fmt: skip
+
+    runs.write_atomically(path, write)
 
 
 SAMPLE_EXTENSIONS = (*runs.IMAGE_EXTENSIONS, ".npz")
 
 
 def sample(args) -> None:
+    """--num-images images, on this process or split over torchrun's ranks, each from its own
+    generator seeded from (--seed, its index); resumable (ddpm_fast.sampling)."""
     runs.check_output_file(args.out, SAMPLE_EXTENSIONS)  # before any sampling
-    device = args.device
-    _eager_where_no_kernels(args, device)
+    device = _setup_distributed(args.device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        _eager_where_no_kernels(args, device)
     if args.diffusers:
         ddpm = _load_diffusers(args.diffusers, args.fused, device)
     else:
         ddpm = _load_for_sampling(args.checkpoint, args.fused, device, ema=not args.no_ema)
+    source = os.path.abspath(args.diffusers or args.checkpoint)
+    settings = {"source": source, "ema": not args.no_ema and not args.diffusers, "sampler": args.sampler,
+                "seed": args.seed, "num_images": args.n}  # fmt: skip
+    if args.sampler != "ddpm":
+        settings["steps"] = args.steps
+    if args.sampler == "ddim":
+        settings.update(eta=args.eta, timestep_spacing=args.timestep_spacing)
     start = time.perf_counter()
-    images = generate(ddpm, args.n, args, device)
-    save_images(images, args.out)
-    print(f"{args.n} samples ({args.sampler}) in {time.perf_counter() - start:.1f} s: {args.out}")
+    args.progress = True
+    images = sampling.sample_images(ddpm, args.n, args, device, draw_batch(ddpm, args, device), settings)
+    if rank == 0:
+        save_images(images, args.out)
+        sampling.finish(args.out)
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        print(f"{args.n} samples ({args.sampler}, {world} process(es)) in {time.perf_counter() - start:.1f} s: "
+              f"{args.out}")  # fmt: skip
 
 
 def export(args) -> None:
@@ -550,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="a diffusers UNet2DModel folder (config.json + weights), or a pipeline "
         "folder with unet/ and scheduler/: e.g. google/ddpm-cifar10-32, the paper's",
     )
-    s.add_argument("--n", type=_positive_int, default=64, help="number of images")
+    s.add_argument("--num-images", "--n", dest="n", type=_positive_int, default=64,
+                   help="number of images (--n: the old name; torchrun refuses it as ambiguous)")  # fmt: skip
+    s.add_argument("--resume", action="store_true",
+                   help="go on with a stopped run: sample only the images not in OUT.parts yet")  # fmt: skip
     s.add_argument("--batch-size", type=_positive_int, default=256, help="images sampled at once")
     s.add_argument("--sampler", choices=["ddpm", "ddim", "dpm++"], default="ddpm",
                    help="ancestral (all T steps), DDIM, or DPM-Solver++(2M) (diffusers' DPMSolver)")  # fmt: skip

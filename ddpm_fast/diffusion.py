@@ -379,7 +379,7 @@ class DDPM(nn.Module):
             raise ValueError(f"n must be a positive int, got {n!r}")
         device = torch.device(device) if device is not None else self.betas.device
         shape = (n, self.channels, self.image_size, self.image_size)
-        x = torch.randn(shape, generator=generator, device=device)
+        x = reference.randn(shape, generator, device)
         return x.contiguous(memory_format=self._memory_format())
 
     def _loop(self, kind, step, x, steps, generator, progress, graph, options, runner=False):
@@ -425,7 +425,9 @@ class DDPM(nn.Module):
         """Ancestral sampling over all T steps: n images in [-1, 1], shape (n, C, H, W).
 
         x_T and every step's noise come from `generator` (torch's default when None), in the
-        same order on the eager and the fused path: DDPM and FastDDPM give the same images.
+        same order on the eager and the fused path: DDPM and FastDDPM give the same images. A
+        list of n generators (diffusers' convention) gives image i its own, so that it is the
+        same image in any batch (ddpm-fast sample seeds one per image; no CUDA graph then).
         noise_source="philox" draws the step noise inside the fused kernel instead (reproducible
         with itself only). cuda_graph: capture one step in a CUDA graph and replay it (True),
         never (False), or on CUDA at batch <= graphs.AUTO_MAX_BATCH ("auto")."""
@@ -436,7 +438,8 @@ class DDPM(nn.Module):
         def step(x, t, t_prev, gen):
             return self._p_sample(x, t, None, clip_denoised, gen, noise_source)
 
-        return self._loop("sampling", step, x, steps, generator, progress, graphs.use_graph(cuda_graph, x.device, n),
+        graph = graphs.use_graph(cuda_graph, x.device, n, generator)
+        return self._loop("sampling", step, x, steps, generator, progress, graph,
                           ("ddpm", bool(clip_denoised), noise_source))  # fmt: skip
 
     @torch.no_grad()
@@ -486,8 +489,8 @@ class DDPM(nn.Module):
                 )
 
         options = ("ddim", float(eta), bool(clip_denoised), bool(use_clipped_model_output), noise_source)
-        return self._loop("ddim", step, x, pairs, generator, progress, graphs.use_graph(cuda_graph, x.device, n),
-                          options)  # fmt: skip
+        graph = graphs.use_graph(cuda_graph, x.device, n, generator)
+        return self._loop("ddim", step, x, pairs, generator, progress, graph, options)
 
     @torch.no_grad()
     def dpm_solver_sample(
@@ -509,7 +512,7 @@ class DDPM(nn.Module):
 
         timesteps = dpm_solver_timesteps(self.num_timesteps, steps)
         x = self._start(n, generator, device)
-        graph = graphs.use_graph(cuda_graph, x.device, n)
+        graph = graphs.use_graph(cuda_graph, x.device, n, generator)
         return self._dpm_solver_run(x, timesteps, clip_denoised, generator, progress, graph)
 
     def _dpm_solver_run(self, x, timesteps, clip_denoised, generator, progress, graph, runner=False):

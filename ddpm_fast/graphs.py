@@ -30,10 +30,16 @@ AUTO_MAX_BATCH = 64
 CACHE_SIZE = 4
 
 
-def use_graph(cuda_graph, device: torch.device, batch: int) -> bool:
-    """Whether a sampling loop on `device` at `batch` runs as a CUDA graph: True, False or "auto"."""
+def use_graph(cuda_graph, device: torch.device, batch: int, generator=None) -> bool:
+    """Whether a sampling loop on `device` at `batch` runs as a CUDA graph: True, False or "auto".
+    Per-image generators (a list) draw outside any graph: "auto" then runs the plain loop."""
     if cuda_graph not in (True, False, "auto"):
         raise ValueError(f"cuda_graph must be True, False or 'auto', got {cuda_graph!r}")
+    if isinstance(generator, (list, tuple)):
+        if cuda_graph is True:
+            raise ValueError("cuda_graph=True takes one generator: per-image generators (a list) draw their noise "
+                             "image by image, outside a graph; pass cuda_graph='auto' or False")  # fmt: skip
+        return False
     if cuda_graph == "auto":
         return device.type == "cuda" and batch <= AUTO_MAX_BATCH
     if cuda_graph and device.type != "cuda":

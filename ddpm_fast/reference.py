@@ -63,10 +63,24 @@ def predict_start(x_t, model_output, sqrt_recip, sqrt_recipm1, prediction_type):
 
 def draw_noise(x_t: torch.Tensor, noise, generator) -> torch.Tensor:
     """z for a reverse step: `noise` if given, else float32 standard normals from `generator`
-    (torch's default generator when None) on x_t's device, in the order every path draws them."""
+    (torch's default generator when None, or one per sample: see randn) on x_t's device, in the
+    order every path draws them."""
     if noise is not None:
         return noise
-    return torch.randn(x_t.shape, generator=generator, device=x_t.device)
+    return randn(x_t.shape, generator, x_t.device)
+
+
+def randn(shape, generator, device) -> torch.Tensor:
+    """torch.randn(shape) from `generator`: one torch.Generator (None: torch's default), or a list
+    of them, one per sample along dim 0 (diffusers' convention): sample i then draws from
+    generator[i] alone, so its values do not depend on the batch it is drawn in. That takes one
+    draw per sample (a Python loop of torch.randn calls), the cost of per-image reproducibility."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"generator is a list of {len(generator)} generators for a batch of {shape[0]}: "
+                             "pass one per image")  # fmt: skip
+        return torch.stack([torch.randn(shape[1:], generator=g, device=device) for g in generator])
+    return torch.randn(shape, generator=generator, device=device)
 
 
 def posterior_step(

@@ -350,6 +350,8 @@ def _noise_or_seed(x_t, noise, generator, noise_source):
     if noise is not None:
         return noise, None
     if noise_source == "philox" and use_triton(x_t.device):
+        if isinstance(generator, (list, tuple)):
+            raise ValueError("noise_source='philox' takes one generator, not a list of per-image ones")
         return None, draw_seed(generator, x_t.device)
     return reference.draw_noise(x_t, None, generator), None
 

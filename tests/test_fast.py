@@ -207,6 +207,10 @@ def test_cuda_graph_capture_replays_the_loop():
     torch.testing.assert_close(run(True), run(False), rtol=1e-5, atol=1e-5)
     assert torch.equal(run(True, 3, 1.0), run(True, 3, 1.0))
     assert len(fast._graphs) == 2
+    dpm = lambda graph: fast.dpm_solver_sample(4, steps=5, generator=generator(1), progress=False,  # noqa: E731
+                                               cuda_graph=graph)  # fmt: skip
+    torch.testing.assert_close(dpm(True), dpm(False), rtol=1e-5, atol=1e-5)  # DPM-Solver++'s state in the graph
+    torch.testing.assert_close(dpm(True), dpm(False), rtol=1e-5, atol=1e-5)  # and on a replay of the cached one
     for n in range(1, 8):
         fast.ddim_sample(n, steps=2, progress=False, cuda_graph=True)
     assert len(fast._graphs) <= 4
