@@ -426,13 +426,8 @@ def demo(args) -> None:
     args.dataset, args.data_root, args.class_name, args.download = "digits", None, None, False
     args.preset, args.image_size, args.dropout = "demo", 8, 0.0  # the digits' own 8x8
     args.timesteps, args.beta_schedule, args.prediction_type = DEMO_TIMESTEPS, "linear", "epsilon"
-    args.beta_start, args.beta_end, args.snr_gamma, args.ema_warmup, args.ema_power = (
-        BETA_START,
-        BETA_END,
-        None,
-        False,
-        2 / 3,
-    )
+    args.beta_start, args.beta_end, args.snr_gamma = BETA_START, BETA_END, None
+    args.ema_warmup, args.ema_power = False, 2 / 3
     per_epoch = max(1, (1797 - DIGITS_TEST) // args.batch_size)  # batches of the training digits per epoch
     args.epochs, args.max_steps, args.sample_every = -(-args.steps // per_epoch), args.steps, 0
     args.warmup, args.ema_decay, args.amp, args.num_workers, args.resume = 100, 0.995, "no", 0, False

@@ -89,9 +89,10 @@ def test_shape_only_convolutions_return_what_cudnn_returns():
 EXPECTED = {  # the U-Net's GroupNorms all run one kernel (no split path) at every batch
     "train": {"_q_sample_fwd_kernel", "_gn_silu_fwd_fused_kernel", "_gn_silu_bwd_kernel", "_gn_param_grad_kernel",
               "_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
-    "sample": {"_posterior_step_kernel", "_ddim_step_kernel", "_gn_silu_fwd_fused_kernel", "_attn_fwd_kernel"},
+    "sample": {"_posterior_step_kernel", "_ddim_step_kernel", "_dpm_solver_step_kernel", "_gn_silu_fwd_fused_kernel",
+               "_attn_fwd_kernel"},
     "q_sample": {"_q_sample_fwd_kernel", "_q_sample_bwd_kernel"},
-    "posterior_step": {"_posterior_step_kernel", "_ddim_step_kernel"},
+    "posterior_step": {"_posterior_step_kernel", "_ddim_step_kernel", "_dpm_solver_step_kernel"},
     "group_norm_silu": {"_gn_silu_fwd_fused_kernel", "_gn_stats_kernel", "_gn_silu_apply_kernel", "_gn_silu_bwd_kernel",
                         "_gn_param_grad_kernel"},
     "attention": {"_attn_fwd_kernel", "_attn_bwd_preprocess_kernel", "_attn_bwd_dkdv_kernel", "_attn_bwd_dq_kernel"},
