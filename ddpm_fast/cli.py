@@ -410,7 +410,11 @@ def fid(args) -> None:
         if name not in ("cifar10", "digits") and not os.path.exists(name):
             raise FileNotFoundError(f"{name!r}: no such .npz file or image folder (nor cifar10 / digits)")
     metrics.inception_weights(args.inception_weights)  # fails within seconds when it cannot be had
+    kwargs["device"] = _setup_distributed(args.device)  # under torchrun: the ranks split the images
+    rank = dist.get_rank() if dist.is_initialized() else 0
     value = metrics.fid(args.a, args.b, **kwargs)
+    if rank != 0:
+        return
     print(f"FID {value:.3f}  ({args.a} vs {args.b}; torchmetrics, torch-fidelity's Inception)")
     if args.isc:
         mean, std = metrics.inception_score(args.b, **kwargs)

@@ -145,12 +145,18 @@ def image_batches(source: str, batch_size: int = 256, class_name=None, data_root
 def fid(real: str, fake: str, feature: nn.Module | None = None, weights: str | None = None, batch_size: int = 256,
         device="cpu", limit: int | None = None, **source_kwargs) -> float:  # fmt: skip
     """The Frechet distance between two image sources (see image_batches) in Inception's
-    feature space (or `feature`'s)."""
+    feature space (or `feature`'s). Under torch.distributed (torchrun) each rank takes every
+    world-th batch (rank, rank + world, ...), and torchmetrics sums the statistics (float64) over
+    the ranks in compute(), which every rank calls: each gets the value one process would."""
+    import torch.distributed as dist
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     metric = frechet_metric(feature, weights, device)
     with torch.no_grad():
         for name, is_real in ((real, True), (fake, False)):
-            for x in image_batches(name, batch_size, limit=limit, **source_kwargs):
-                metric.update(x.to(device), real=is_real)
+            for k, x in enumerate(image_batches(name, batch_size, limit=limit, **source_kwargs)):
+                if k % world == rank:
+                    metric.update(x.to(device), real=is_real)
     return float(metric.compute())
 
 

@@ -93,3 +93,52 @@ def test_a_stopped_run_resumes_with_the_images_not_yet_on_disk(checkpoint, tmp_p
     calls.clear()
     resumed = run_sample(checkpoint, out, "--num-images", "7", "--batch-size", "5", "--resume")
     assert calls == [[4, 5, 6]] and np.array_equal(resumed, full)
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_to_the_uninterrupted_file(checkpoint, tmp_path):
+    """SIGKILL mid-run (no handler runs): the finished batches stay in OUT.parts, a batch in flight
+    leaves at most a temporary file, and --resume completes the same .npz as an uninterrupted run."""
+    import signal
+    import time
+
+    full = run_sample(checkpoint, tmp_path / "full.npz", "--num-images", "24", "--batch-size", "2")
+    out = tmp_path / "k.npz"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "ddpm_fast.cli", "sample", "--checkpoint", checkpoint, "--num-images", "24",
+           "--batch-size", "1", "--device", "cpu", "--no-fused", "--out", str(out)]  # fmt: skip
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    parts = sampling.Parts(str(out), {}, True, rank=1)  # a reader (rank 1 prepares nothing)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and len(parts.files()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    held = parts.count()
+    assert 3 <= held < 24 and not out.exists(), held
+    resumed = run_sample(checkpoint, out, "--num-images", "24", "--batch-size", "5", "--resume")
+    assert np.array_equal(resumed, full)
+    assert not os.path.exists(str(out) + sampling.PARTS)
+
+
+@pytest.mark.slow
+def test_fid_over_two_gloo_ranks_equals_one_process(tmp_path):
+    """metrics.fid under torch.distributed: each rank takes every other batch and torchmetrics
+    sums the float64 statistics over the ranks; both ranks get one process's value."""
+    import ddp_worker
+    import torch.multiprocessing as mp
+    from test_train import free_port
+
+    from ddpm_fast import metrics
+
+    rng = np.random.default_rng(0)
+    a, b = str(tmp_path / "a.npz"), str(tmp_path / "b.npz")
+    np.savez(a, arr_0=rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8))
+    np.savez(b, arr_0=(rng.integers(0, 200, (17, 8, 8, 3))).astype(np.uint8))
+    one = metrics.fid(a, b, feature=ddp_worker.stand_in_feature(), batch_size=3)
+    mp.spawn(ddp_worker.fid, args=(2, free_port(), a, b, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"fid{rank}.pt", weights_only=True) for rank in (0, 1)]
+    assert [r["real_images"] for r in results] == [11, 9]  # 20 in batches of 3: 0, 2, 4, 6 (3+3+3+2); 1, 3, 5
+    for r in results:
+        assert r["fid"] == pytest.approx(one, rel=1e-6)
+    assert one > 0
