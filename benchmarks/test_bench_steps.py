@@ -50,14 +50,21 @@ def test_sampling_step(measure, impl, batch):
         measure(f"sampling step, 35.7M U-Net, batch {batch}", lambda: p_sample(x, t, None, True, None))
 
 
+SAMPLERS = {  # a whole run of each: DDIM-100, and DPM-Solver++(2M) in 20 steps (5x fewer model evaluations)
+    "DDIM-100": lambda ddpm, batch, **kw: ddpm.ddim_sample(batch, steps=100, **kw),
+    "DPM++-20": lambda ddpm, batch, **kw: ddpm.dpm_solver_sample(batch, steps=20, **kw),
+}
+
+
 @pytest.mark.parametrize("impl", ["eager", "fused", "fused+cuda-graph", "compile"])
 @pytest.mark.parametrize("batch", [1, 16, 256])
-def test_ddim100_run(measure, batch, impl):
-    """A whole DDIM sampling run of 100 steps: each step launched from Python, or (fused+cuda-graph)
-    replayed as one captured CUDA graph (captured in the warmup round); compile runs the
-    torch.compile'd U-Net inside the same loop."""
+@pytest.mark.parametrize("sampler", list(SAMPLERS))
+def test_sampling_run(measure, sampler, batch, impl):
+    """A whole sampling run: each step launched from Python, or (fused+cuda-graph) replayed as one
+    captured CUDA graph (captured in the warmup round); compile runs the torch.compile'd U-Net
+    inside the same loop. DPM++-20 reads beside DDIM-100 at the same batch."""
     if not CUDA:
-        pytest.skip("a whole 100-step run of the 35.7M U-Net is timed on a CUDA device only")
+        pytest.skip("a whole sampling run of the 35.7M U-Net is timed on a CUDA device only")
     ddpm = make(impl).eval()
     if impl == "compile":
         ddpm.model = compiled(ddpm.model, impl)
@@ -65,25 +72,7 @@ def test_ddim100_run(measure, batch, impl):
 
     def run():
         generator.manual_seed(0)
-        return ddpm.ddim_sample(batch, steps=100, generator=generator, progress=False,
-                                cuda_graph=impl == "fused+cuda-graph")  # fmt: skip
+        return SAMPLERS[sampler](ddpm, batch, generator=generator, progress=False,
+                                 cuda_graph=impl == "fused+cuda-graph")  # fmt: skip
 
-    measure(f"DDIM-100 run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)
-
-
-@pytest.mark.parametrize("impl", ["eager", "fused", "fused+cuda-graph"])
-@pytest.mark.parametrize("batch", [16, 256])
-def test_dpm_solver20_run(measure, batch, impl):
-    """A whole DPM-Solver++(2M) run of 20 steps, the few-step sampler diffusers users pick: read
-    it beside the DDIM-100 run of the same batch (test_ddim100_run), 5x the model evaluations."""
-    if not CUDA:
-        pytest.skip("a whole sampling run of the 35.7M U-Net is timed on a CUDA device only")
-    ddpm = make(impl).eval()
-    generator = torch.Generator(DEVICE)
-
-    def run():
-        generator.manual_seed(0)
-        return ddpm.dpm_solver_sample(batch, steps=20, generator=generator, progress=False,
-                                      cuda_graph=impl == "fused+cuda-graph")  # fmt: skip
-
-    measure(f"DPM++-20 run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)
+    measure(f"{sampler} run, 35.7M U-Net, batch {batch}", run, rounds=3, iterations=1)
