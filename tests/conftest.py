@@ -29,6 +29,12 @@ elif os.environ.get("TRITON_INTERPRET", "0") == "1":
     raise SystemExit("TRITON_INTERPRET=1 with DDPM_FAST_TEST_DEVICE=cuda: the GPU tests run compiled kernels; "
                      "unset it, or pick DDPM_FAST_TEST_DEVICE=cpu")  # fmt: skip
 os.environ["DDPM_FAST_TEST_DEVICE"] = _device  # what tests/helpers.py reads (xdist workers inherit it)
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # One CPU thread per xdist worker (and per process a test starts: OMP_NUM_THREADS), not torch's
+    # default of one per core in every worker: oversubscribed OpenMP threads made the eager
+    # training tests several times slower than alone.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 if _device == "cuda":
     # The tests hold kernels to float32 tolerances; TF32 convs and matmuls would blur both sides.
     torch.backends.cuda.matmul.allow_tf32 = False
