@@ -12,11 +12,10 @@ with sigma_i = sqrt((1 - abar) / abar) at t_i, alpha_i = 1 / sqrt(1 + sigma_i^2)
 lambda_i = log(alpha_i / s_i), h = lambda_{i+1} - lambda_i, e = alpha_{i+1} (exp(-h) - 1):
     a = s_{i+1} / s_i;  first order (the first and the last step): b = -e, c = 0;
     second order: r = (lambda_i - lambda_{i-1}) / h, b = -e (1 + 1 / (2 r)), c = e / (2 r).
-The coefficients are computed here once per sampling run, in float64 on the host; the step that
-applies them per pixel is one fused kernel (ddpm_fast.kernels.dpm_solver_step) with an eager twin.
+The coefficients are computed here once per sampling run, in float64 on the schedule's device
+(no value goes back to the host: no sync); the step that applies them per pixel is one fused
+kernel (ddpm_fast.kernels.dpm_solver_step) with an eager twin.
 """
-
-import math
 
 import numpy as np
 import torch
@@ -34,38 +33,30 @@ def dpm_solver_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [int(t) for t in ts]
 
 
-def _alpha_sigma(sigma: float) -> tuple[float, float]:
-    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
-    return alpha, sigma * alpha
-
-
 def dpm_solver_coefficients(alphas_cumprod: torch.Tensor, timesteps: list[int], prediction_type: str) -> torch.Tensor:
-    """The (steps, 5) float32 table of (p, q, a, b, c) per step (see the module's docstring)."""
+    """The (steps, 5) float32 table of (p, q, a, b, c) per step (see the module's docstring), on
+    alphas_cumprod's device, computed there in float64 without reading a value back to the host:
+    a sampling run starts without waiting for the GPU."""
     checks.check_prediction_type(prediction_type)
-    abar = alphas_cumprod.detach().double().cpu()
-    sigmas = [math.sqrt((1.0 - float(abar[t])) / float(abar[t])) for t in timesteps] + [0.0]
+    abar = alphas_cumprod.detach().to(torch.float64)[torch.tensor(timesteps, device=alphas_cumprod.device)]
+    sigma = torch.cat([torch.sqrt((1.0 - abar) / abar), abar.new_zeros(1)])  # sigma = 0 after the last step
+    alpha = torch.rsqrt(sigma * sigma + 1.0)
+    s = sigma * alpha
+    lam = torch.log(alpha) - torch.log(s)  # +inf where s = 0
+    alpha_s, s_s, alpha_t, s_t = alpha[:-1], s[:-1], alpha[1:], s[1:]
+    if prediction_type == "epsilon":
+        p, q = 1.0 / alpha_s, -s_s / alpha_s
+    elif prediction_type == "sample":
+        p, q = torch.zeros_like(alpha_s), torch.ones_like(alpha_s)
+    else:  # v_prediction
+        p, q = alpha_s, -s_s
+    h = lam[1:] - lam[:-1]
+    e = alpha_t * torch.expm1(-h)  # -alpha_t at the last step (h = inf)
+    a = s_t / s_s
+    r = torch.cat([h.new_ones(1), lam[1:-1] - lam[:-2]]) / h  # (lambda_i - lambda_{i-1}) / h_i
     n = len(timesteps)
-    rows = []
-    lambdas = []
-    for i in range(n + 1):
-        alpha, s = _alpha_sigma(sigmas[i])
-        lambdas.append(math.log(alpha) - math.log(s) if s > 0 else math.inf)
-    for i in range(n):
-        alpha_s, s_s = _alpha_sigma(sigmas[i])
-        alpha_t, s_t = _alpha_sigma(sigmas[i + 1])
-        if prediction_type == "epsilon":
-            p, q = 1.0 / alpha_s, -s_s / alpha_s
-        elif prediction_type == "sample":
-            p, q = 0.0, 1.0
-        else:  # v_prediction
-            p, q = alpha_s, -s_s
-        h = lambdas[i + 1] - lambdas[i]
-        e = alpha_t * math.expm1(-h)  # -alpha_t at the last step (sigma = 0, h = inf)
-        a = s_t / s_s
-        if i == 0 or i == n - 1:  # the first step has no previous x0; lower_order_final
-            b, c = -e, 0.0
-        else:
-            r = (lambdas[i] - lambdas[i - 1]) / h
-            b, c = -e * (1.0 + 0.5 / r), 0.5 * e / r
-        rows.append((p, q, a, b, c))
-    return torch.tensor(rows, dtype=torch.float64).to(torch.float32)
+    first = torch.zeros(n, dtype=torch.bool, device=h.device)
+    first[0] = first[-1] = True  # the first step has no previous x0; lower_order_final
+    b = torch.where(first, -e, -e * (1.0 + 0.5 / r))
+    c = torch.where(first, torch.zeros_like(e), 0.5 * e / r)
+    return torch.stack([p, q, a, b, c], dim=1).to(torch.float32)

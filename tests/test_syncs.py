@@ -65,6 +65,7 @@ def test_sampling_loops_never_sync(ddpm):
     assert count(lambda: ddpm.ddim_sample(2, steps=2, progress=False)) == 0
     assert count(lambda: ddpm.ddim_sample(2, steps=2, eta=1.0, progress=False)) == 0
     assert count(lambda: ddpm.sample(2, progress=False, noise_source="philox")) == 0
+    assert count(lambda: ddpm.dpm_solver_sample(2, steps=2, progress=False)) == 0
 
 
 def test_the_loss_syncs_only_to_check_a_given_t(ddpm):
