@@ -31,6 +31,7 @@ from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buff
 attention_module = importlib.import_module("ddpm_fast.kernels.attention")
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 step_module = importlib.import_module("ddpm_fast.kernels.posterior_step")
+dpm_module = importlib.import_module("ddpm_fast.kernels.dpm_solver")
 
 
 @contextlib.contextmanager
@@ -69,6 +70,10 @@ def _cases():
     eps, z, t = torch.randn_like(x_t), torch.randn_like(x_t), torch.full((1,), 500)
     t_prev = t - 10
     abar = bufs["alphas_cumprod"]
+    from ddpm_fast.dpm_solver import dpm_solver_coefficients, dpm_solver_timesteps
+
+    table = dpm_solver_coefficients(abar, dpm_solver_timesteps(1000, 20), "epsilon")
+    i = torch.full((1,), 5)
     return {
         "group_norm_silu+add fwd": (
             lambda: kernels.group_norm_silu(x, 32, w, b, 1e-6, add=add),
@@ -88,6 +93,11 @@ def _cases():
         "ddim_step": (
             lambda: kernels.ddim_step(x_t, eps, t, t_prev, None, abar, check_t=False),
             lambda: step_module.ddim_step_op(x_t, eps, t, t_prev, None, None, abar, 0.0, "epsilon", True, False),
+            None,
+        ),
+        "dpm_solver_step": (
+            lambda: kernels.dpm_solver_step(x_t, eps, z, i, table, check_step=False),
+            lambda: dpm_module.dpm_solver_step_op(x_t, eps, z, i, table, False),
             None,
         ),
     }
