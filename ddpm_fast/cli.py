@@ -371,7 +371,6 @@ def sample(args) -> None:
     if args.sampler == "ddim":
         settings.update(eta=args.eta, timestep_spacing=args.timestep_spacing)
     start = time.perf_counter()
-    args.progress = True
     images = sampling.sample_images(ddpm, args.n, args, device, draw_batch(ddpm, args, device), settings)
     if rank == 0:
         save_images(images, args.out)

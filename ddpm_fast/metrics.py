@@ -90,9 +90,14 @@ def frechet_metric(feature: nn.Module | None = None, weights: str | None = None,
     return metric.to(device)
 
 
+def quantize(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (the model's range) as uint8, same shape: 256 levels, clamped."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Images in [-1, 1] (the model's range) as uint8 NCHW, 3 channels (grey ones repeated)."""
-    return _uint8_rgb(((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
+    """Images in [-1, 1] as uint8 NCHW, 3 channels (grey ones repeated): what FID's Inception takes."""
+    return _uint8_rgb(quantize(images))
 
 
 def _uint8_rgb(x: torch.Tensor) -> torch.Tensor:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from ddpm_fast import runs
+from ddpm_fast import metrics, runs
 
 PARTS = ".parts"  # OUT.parts: the batches sampled so far
 _PART = re.compile(r"r(\d+)-(\d+)-n(\d+)\.npz$")
@@ -42,7 +42,7 @@ def image_generators(seed: int, indices, device) -> list[torch.Generator]:
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images in [-1, 1], (B, C, H, W), as uint8 NHWC (what FID evaluators read)."""
-    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    return metrics.quantize(images).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class Parts:
@@ -51,7 +51,7 @@ class Parts:
     def __init__(self, out: str, settings: dict, resume: bool, rank: int):
         self.folder, self.rank = out + PARTS, rank
         self.settings_path = os.path.join(self.folder, "settings.json")
-        self._next = 0
+        self._next = None  # this rank's next part number, found on its first write
         if rank == 0:
             self._prepare(settings, resume)
 
@@ -88,8 +88,9 @@ class Parts:
         return found
 
     def write(self, indices: list[int], images: np.ndarray) -> None:
-        taken = [int(_PART.search(p).group(2)) for p in self.files() if _PART.search(p).group(1) == str(self.rank)]
-        self._next = max([self._next, *(k + 1 for k in taken)])
+        if self._next is None:  # after the parts an earlier run of this rank left
+            mine = [_PART.search(p) for p in self.files()]
+            self._next = max([int(m.group(2)) + 1 for m in mine if m.group(1) == str(self.rank)], default=0)
         path = os.path.join(self.folder, f"r{self.rank}-{self._next:06d}-n{len(indices)}.npz")
         self._next += 1
 
@@ -119,7 +120,7 @@ def _write_json(path: str, value: dict) -> None:
         json.dump(value, f, indent=1, sort_keys=True)
 
 
-def sample_images(ddpm, n: int, args, device, draw, settings: dict) -> np.ndarray | None:
+def sample_images(ddpm, n: int, args, device, draw, settings: dict, progress: bool = True) -> np.ndarray | None:
     """Sample images 0..n-1 over this process group (one process without torchrun) into
     args.out + ".parts", resuming from what is there with args.resume. `draw(batch, generators)`
     samples one batch in [-1, 1]. Returns the n images, uint8 NHWC in index order, on rank 0
@@ -130,7 +131,7 @@ def sample_images(ddpm, n: int, args, device, draw, settings: dict) -> np.ndarra
         dist.barrier()  # rank 0 has checked and made the folder
     done = parts.done() if args.resume else set()
     todo = [i for i in range(rank, n, world) if i not in done]
-    bar = tqdm(total=n, initial=min(len(done), n), unit="img", desc="sampling", disable=rank != 0 or not args.progress)
+    bar = tqdm(total=n, initial=min(len(done), n), unit="img", desc="sampling", disable=rank != 0 or not progress)
     for start in range(0, len(todo), args.batch_size):
         indices = todo[start : start + args.batch_size]
         images = draw(len(indices), image_generators(args.seed, indices, device))

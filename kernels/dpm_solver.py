@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ddpm_fast import checks, reference
 from ddpm_fast.kernels._common import Plans, direct_call, elementwise_out, meta_key, on_input_device, use_triton
-from ddpm_fast.kernels.posterior_step import _clip, _plan
+from ddpm_fast.kernels.posterior_step import _clip, _plan, _wants_grad
 
 
 @triton.jit
@@ -100,6 +100,8 @@ class _Call:
     def __init__(self, x_t, model_output, x0_prev, step, coefficients):
         checks.check_dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, False)
         self.plan = _plan(x_t, model_output, x0_prev)
+        # the table as the kernel reads it (float32, contiguous): the run's own as it is, else converted per call
+        self.ready = coefficients.dtype == torch.float32 and coefficients.is_contiguous()
 
 
 _CALLS = Plans()
@@ -107,14 +109,14 @@ _CALLS = Plans()
 
 def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
     """Fused twin of ddpm_fast.reference.dpm_solver_step (same signature)."""
-    if torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (x_t, model_output, x0_prev)):
+    if _wants_grad(*(x for x in (x_t, model_output, x0_prev) if x is not None)):
         return reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, check_step)
     key = (meta_key(x_t), meta_key(model_output), meta_key(x0_prev), meta_key(step), meta_key(coefficients))
     call = _CALLS.get(key, lambda: _Call(x_t, model_output, x0_prev, step, coefficients))  # checks on a miss only
     if check_step:  # the value check: one host sync
         checks.check_timesteps("step", step, x_t.shape[0], coefficients.shape[0], x_t.device)
-    coefficients = coefficients if coefficients.dtype == torch.float32 else coefficients.float()
-    coefficients = coefficients.contiguous()
+    if not call.ready:
+        coefficients = coefficients.float().contiguous()
     if direct_call(x_t, model_output, x0_prev, step) and use_triton(x_t.device):
         return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised), plan=call.plan)
     return dpm_solver_step_op(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised))
