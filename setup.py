@@ -9,8 +9,8 @@ setup(
     python_requires=">=3.10",
     # The kernels live in the top-level folder kernels/ but are imported as
     # ddpm_fast.kernels: a bare `kernels` import name belongs to another package.
-    packages=["ddpm_fast", "ddpm_fast.kernels"],
-    package_dir={"ddpm_fast": "ddpm_fast", "ddpm_fast.kernels": "kernels"},
+    packages=["ddpm_fast", "ddpm_fast.tools", "ddpm_fast.kernels"],
+    package_dir={"ddpm_fast": "ddpm_fast", "ddpm_fast.tools": "ddpm_fast/tools", "ddpm_fast.kernels": "kernels"},
     install_requires=[
         # The supported range, proven by CI at both ends (.ci/run): torch 2.11 (Triton 3.6) to the newest.
         "torch>=2.11",

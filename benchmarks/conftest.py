@@ -21,8 +21,9 @@ import os
 import pytest
 import torch
 
-from ddpm_fast import benchreport, kernels, reference
+from ddpm_fast import kernels, reference
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
+from ddpm_fast.tools import benchreport
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")

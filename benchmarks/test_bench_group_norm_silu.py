@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import CUDA, DEVICE, DTYPE_IDS, IMPLS, op, skip_unless_runnable
 
-from ddpm_fast.aot import UNET_GROUP_NORMS
+from ddpm_fast.tools.aot import UNET_GROUP_NORMS
 
 # (batch, channels, size, dtype, layout): every U-Net shape on a GPU; on a CPU two of them.
 SHAPES = [(b, c, s) for c, s in UNET_GROUP_NORMS for b in (128, 1)] if CUDA else [(8, 128, 32), (1, 256, 8)]

@@ -9,7 +9,7 @@ any machine (a CPU included), since neither needs the GPU.
   the same for the torch.library custom op path (what torch.compile traces through) and for the
   call with a gradient wanted (training).
 - Launches: the kernels one DDPM sampling step of the paper's 35.7M U-Net launches (Triton +
-  ATen ops that run a device kernel: ddpm_fast.launches), fused and eager, at batch 1 and 16. The
+  ATen ops that run a device kernel: ddpm_fast.tools.launches), fused and eager, at batch 1 and 16. The
   timed function is the count itself (it runs the step's ATen ops on the CPU): read extra_info.
 
 Host times are this machine's CPU times; on a GPU machine the Triton launch itself (its binder
@@ -24,13 +24,14 @@ import pytest
 import torch
 
 from ddpm_fast import kernels
-from ddpm_fast.launches import sampling_step_launches
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
+from ddpm_fast.tools.launches import sampling_step_launches
 
 # the op modules (ddpm_fast.kernels' own names are the functions)
 attention_module = importlib.import_module("ddpm_fast.kernels.attention")
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 step_module = importlib.import_module("ddpm_fast.kernels.posterior_step")
+ddim_module = importlib.import_module("ddpm_fast.kernels.ddim_step")
 dpm_module = importlib.import_module("ddpm_fast.kernels.dpm_solver")
 
 
@@ -92,7 +93,7 @@ def _cases():
         ),
         "ddim_step": (
             lambda: kernels.ddim_step(x_t, eps, t, t_prev, None, abar, check_t=False),
-            lambda: step_module.ddim_step_op(x_t, eps, t, t_prev, None, None, abar, 0.0, "epsilon", True, False),
+            lambda: ddim_module.ddim_step_op(x_t, eps, t, t_prev, None, None, abar, 0.0, "epsilon", True, False),
             None,
         ),
         "dpm_solver_step": (

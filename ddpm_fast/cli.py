@@ -25,22 +25,17 @@ import torch
 import torch.distributed as dist
 from torchvision.utils import save_image
 
-from ddpm_fast import benchreport, interop, kernels, runs, sampling, selfcheck
+from ddpm_fast import interop, kernels, runs, sampling
+from ddpm_fast.checkpoint import CheckpointError, load_checkpoint, load_weights
 from ddpm_fast.data import CIFAR10_CLASSES, DATASETS, DIGITS_TEST, digits_dataset, make_dataset
 from ddpm_fast.diffusion import DDPM
+from ddpm_fast.ema import ema_model_state
 from ddpm_fast.fast import FastDDPM
+from ddpm_fast.losslog import NonFiniteLossError
+from ddpm_fast.runs import TrainingInterrupted
 from ddpm_fast.schedule import BETA_END, BETA_SCHEDULES, BETA_START, VARIANCE_TYPES
-from ddpm_fast.train import (
-    CheckpointError,
-    NonFiniteLossError,
-    TrainConfig,
-    Trainer,
-    TrainingInterrupted,
-    ema_model_state,
-    load_checkpoint,
-    load_weights,
-    viewable,
-)
+from ddpm_fast.tools import benchreport, selfcheck
+from ddpm_fast.train import TrainConfig, Trainer, viewable
 from ddpm_fast.unet import PRESETS, UNet, UNetConfig
 
 

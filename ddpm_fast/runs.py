@@ -1,4 +1,4 @@
-"""Output folders and the checks a run makes before its expensive part.
+"""Run control: output folders, locks, signals, and the checks a run makes before its expensive part.
 
 - `prepare_run_dir`: an --out that already holds a run is never silently reused (--resume goes
   on, --overwrite starts over, anything else is refused); a lock file stops a second process
@@ -6,12 +6,17 @@
 - `check_output_file`: an output file's extension and that its folder can be written, before
   any sampling.
 - `parse_device`: a --device that exists here.
+- `StopSignals`: SIGINT and SIGTERM stop a run at its next step boundary, with a save.
 """
 
 import glob
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
+from contextlib import contextmanager
 
 import torch
 
@@ -19,7 +24,7 @@ import torch
 RUN_FILES = ("checkpoint.pt", "loss.csv", "loss.png", "samples.png", "samples", "checkpoints", "fid.csv", "tb")
 RUN_MARKERS = ("checkpoint.pt", "loss.csv")  # a folder with one of these holds a run
 LOCK_NAME = ".ddpm-fast.lock"
-TMP_PATTERN = "*.tmp.*"  # checkpoint.pt.tmp.<pid>: see train.save_checkpoint
+TMP_PATTERN = "*.tmp.*"  # checkpoint.pt.tmp.<pid>: see checkpoint.save_checkpoint
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 
@@ -164,3 +169,76 @@ def prepare_run_dir(folder: str, resume: bool = False, overwrite: bool = False, 
         lock.release()
         raise
     return lock
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM. `saved`: whether the state at the step boundary
+    was written to `path` (a second signal before the save began stops without saving).
+    `exit_code` is the shell's convention, 128 + the signal number."""
+
+    def __init__(self, signum: int, step: int, path: str, saved: bool):
+        self.signum, self.step, self.path, self.saved = signum, step, path, saved
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        what = f"saved {path} at step {step}" if saved else f"stopped without saving; {path} is the last checkpoint"
+        super().__init__(f"{name}: {what}")
+
+
+class StopSampling(BaseException):
+    """Raised by the signal handler to abandon a sample grid."""
+
+
+class StopSignals:
+    """While entered, SIGINT and SIGTERM set `requested` (the signal number), which the loop
+    reads at each step boundary, instead of raising KeyboardInterrupt in the middle of a step.
+    What a signal does depends on the phase the run is in (`during`):
+
+    - "training": the step finishes, then the run saves and stops;
+    - "sampling": the grid is not worth waiting for, StopSampling abandons it, then it saves;
+    - "saving": the save (atomic) finishes, then the run stops.
+
+    A second signal outside a save stops at once without saving (TrainingInterrupted, saved
+    False; `step()` and `checkpoint_path` name what is kept). Handlers can only be installed
+    from the main thread: elsewhere the defaults stay. `announce`: say so on stderr (rank 0)."""
+
+    def __init__(self, checkpoint_path: str, step=lambda: 0, announce: bool = True):
+        self.checkpoint_path, self.step, self.announce = checkpoint_path, step, announce
+        self.requested: int | None = None
+        self.phase = "training"
+        self._previous: dict = {}
+
+    def __enter__(self) -> "StopSignals":
+        self.requested, self.phase = None, "training"
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+            for s in self._previous:
+                signal.signal(s, self._on_signal)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler if handler is not None else signal.SIG_DFL)
+        self._previous = {}
+
+    @contextmanager
+    def during(self, phase: str):
+        """The run is in `phase` ("sampling", "saving") inside the block, back to training after."""
+        self.phase = phase
+        try:
+            yield
+        finally:
+            self.phase = "training"
+
+    def _on_signal(self, signum, frame) -> None:
+        if self.requested is None:
+            self.requested = signum
+            if self.announce:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"\n{signal.Signals(signum).name}: stopping at the end of this step and saving "
+                           "(a second signal stops at once without saving)", file=sys.stderr)  # fmt: skip
+            if self.phase == "sampling":
+                raise StopSampling
+        elif self.phase != "saving":
+            raise TrainingInterrupted(signum, self.step(), self.checkpoint_path, saved=False)
+        # a signal during the save: the save finishes, then the run stops

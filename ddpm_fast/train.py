@@ -1,26 +1,22 @@
 """Training: one optimisation step (NVTX-named), and the Trainer that runs the paper's recipe.
 
 Trainer: Adam (lr 2e-4, linear warmup; torch's fused Adam on CUDA), gradient clipping at 1.0,
-an EMA of the weights (buffers included), bf16/fp16 autocast (a GradScaler for fp16), sample
-grids from the EMA weights every N epochs, a tqdm bar with the loss and images/s, a CSV loss log
-and a loss-curve PNG. No step waits for the GPU: the losses stay on the device and are read
-every `log_every` steps in one transfer, the EMA keeps its count on the host. Checkpoints hold
-the model, EMA, optimizer, scheduler, scaler, the position in the epoch and every RNG state, are written to a
-temporary file and renamed, and resume a run so that it goes on exactly as if never
-stopped. SIGINT and SIGTERM stop it at the next step boundary with a save; a non-finite loss
-stops it without one. Under torchrun it trains with DistributedDataParallel: each rank reads
-its own shard; only rank 0 writes (a signal should reach every rank, as torchrun forwards it).
+an EMA of the weights (buffers included, `ema.EMA`), bf16/fp16 autocast (a GradScaler for
+fp16), sample grids from the EMA weights every N epochs, a tqdm bar with the loss and images/s,
+a CSV loss log and a loss-curve PNG (`losslog.LossLog`). No step waits for the GPU: the losses
+stay on the device and are read every `log_every` steps in one transfer, the EMA keeps its count
+on the host. Checkpoints (`checkpoint`) hold the model, EMA, optimizer, scheduler, scaler, the
+position in the epoch and every RNG state, are written to a temporary file and renamed, and
+resume a run so that it goes on exactly as if never stopped. SIGINT and SIGTERM stop it at the
+next step boundary with a save (`runs.StopSignals`); a non-finite loss stops it without one.
+Under torchrun it trains with DistributedDataParallel: each rank reads its own shard; only
+rank 0 writes (a signal should reach every rank, as torchrun forwards it).
 """
 
 import contextlib
 import csv
 import math
 import os
-import shutil
-import signal
-import sys
-import threading
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -29,19 +25,22 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.utils import make_grid, save_image
 from tqdm.auto import tqdm
 
-from ddpm_fast import runs
+from ddpm_fast import checkpoint
+from ddpm_fast.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from ddpm_fast.diffusion import DDPM
+from ddpm_fast.ema import EMA, ema_model_state
+from ddpm_fast.losslog import DIVERGED_FACTOR, LOG_HEADER, DivergedError, LossLog, NonFiniteLossError
 from ddpm_fast.profiling import nvtx_range
+from ddpm_fast.runs import StopSampling, StopSignals, TrainingInterrupted
+
+# The names of the modules the Trainer was split into stay importable from here.
+__all__ = [
+    "AMP_DTYPES", "CheckpointError", "DIVERGED_FACTOR", "DivergedError", "EMA", "LOG_HEADER", "NonFiniteLossError",
+    "TrainConfig", "Trainer", "TrainingInterrupted", "ema_model_state", "load_checkpoint", "load_weights",
+    "save_checkpoint", "train_step", "viewable",
+]  # fmt: skip
 
 AMP_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOG_HEADER = ["step", "epoch", "loss", "lr"]  # loss.csv
-# A loss this many times its running mean is a diverged run (L_simple's healthy spikes are a few x)
-DIVERGED_FACTOR = 1000.0
-FP16_NON_FINITE_PATIENCE = 10  # non-finite losses in a row that fp16 training skips before it stops
-
-
-class _StopSampling(BaseException):
-    """Raised by the signal handler to abandon a sample grid."""
 
 
 def train_step(
@@ -143,58 +142,6 @@ class TrainConfig:
             raise ValueError(f"ema_power must be a positive number, got {self.ema_power}")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, truncated or not one of ours."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became nan or inf; the run stopped without saving, so the last checkpoint is
-    the last good state."""
-
-
-class DivergedError(NonFiniteLossError):
-    """The loss, finite, jumped far above its running mean (gradient clipping keeps a diverged
-    run's loss finite: --lr 1e9 gave 4e22); stopped without saving, as for a non-finite loss."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT or SIGTERM. `saved`: whether the state at the step boundary
-    was written to `path` (a second signal before the save began stops without saving).
-    `exit_code` is the shell's convention, 128 + the signal number."""
-
-    def __init__(self, signum: int, step: int, path: str, saved: bool):
-        self.signum, self.step, self.path, self.saved = signum, step, path, saved
-        self.exit_code = 128 + signum
-        name = signal.Signals(signum).name
-        what = f"saved {path} at step {step}" if saved else f"stopped without saving; {path} is the last checkpoint"
-        super().__init__(f"{name}: {what}")
-
-
-def save_checkpoint(state: dict, path: str) -> None:
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a
-    file, and a save that fails or is interrupted removes its temporary file (one killed outright
-    leaves it to the next run's `runs.remove_stale_tmp`). A save that fails (a full disk, a folder
-    gone read-only) raises CheckpointError saying that the checkpoint already there is intact."""
-    try:
-        runs.write_atomically(path, lambda tmp: torch.save(state, tmp))
-    except Exception as e:  # torch.save reports a full disk as a RuntimeError ("file write failed")
-        kept = f"the checkpoint already at {path!r} is intact" if os.path.isfile(path) else "none was there before"
-        raise CheckpointError(f"could not write the checkpoint {path!r} ({type(e).__name__}: {e}); {kept}. "
-                              "Free disk space (or fix the folder) and go on with --resume") from e  # fmt: skip
-
-
-def load_checkpoint(path: str, map_location="cpu") -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"no checkpoint at {path!r}")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as e:  # truncated zip, bad pickle, foreign objects
-        raise CheckpointError(f"checkpoint {path!r} is truncated or corrupt: {type(e).__name__}: {e}") from e
-    if not isinstance(state, dict) or "model" not in state or "config" not in state:
-        raise CheckpointError(f"{path!r} is not a ddpm-fast checkpoint (no model or config in it)")
-    return state
-
-
 class _SkipSampler(Sampler):
     """The indices of `sampler` after the first `skip`: resuming in the middle of an epoch."""
 
@@ -218,79 +165,6 @@ def viewable(images: torch.Tensor) -> torch.Tensor:
     a square) where smaller than VIEW_SIZE, as 8x8 digits are."""
     scale = max(1, VIEW_SIZE // max(images.shape[-2:]))
     return torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest") if scale > 1 else images
-
-
-def load_weights(module: torch.nn.Module, weights: dict, path: str) -> None:
-    """module.load_state_dict(weights), or a CheckpointError naming `path` where the weights are
-    another model's (a size mismatch, missing or unexpected keys) instead of torch's traceback."""
-    try:
-        module.load_state_dict(weights)
-    except RuntimeError as e:
-        detail = " ".join(str(e).split())
-        raise CheckpointError(f"{path!r} holds the weights of another model than this one: {detail[:400]}") from None
-
-
-def ema_model_state(ema_state: dict) -> dict:
-    """The EMA weights of a checkpoint as a DDPM state_dict (the EMA's keys carry `module.`)."""
-    return {k[len("module.") :]: v for k, v in ema_state.items() if k.startswith("module.")}
-
-
-class EMA:
-    """An exponential moving average of a module's parameters and floating buffers:
-    ema = decay * ema + (1 - decay) * current, the first update a copy. One foreach lerp per
-    update and the count on the host: no host sync (torch's AveragedModel keeps its count on the
-    device and tests it each update). Its state_dict has AveragedModel's layout (`module.` keys
-    and `n_averaged`), so checkpoints of either load into the other.
-
-    warmup=True: the decay of update k (k = 0, 1, ...) is min(decay, 1 - (1 + k / inv_gamma) ^
-    -power), as diffusers' EMAModel(use_ema_warmup=True) gives it (inv_gamma 1, power 2/3 by
-    default; 3/4 suits shorter runs): the average follows the weights closely early, so a short
-    run's EMA samples are not those of its first, random weights."""
-
-    def __init__(self, module: torch.nn.Module, decay: float, warmup: bool = False, inv_gamma: float = 1.0,
-                 power: float = 2 / 3):  # fmt: skip
-        import copy
-
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"decay must be in [0, 1), got {decay!r}")
-        if not (inv_gamma > 0 and power > 0):
-            raise ValueError(f"inv_gamma and power must be positive, got {inv_gamma!r} and {power!r}")
-        self.module = copy.deepcopy(module).requires_grad_(False)
-        self.decay, self.warmup, self.inv_gamma, self.power = decay, bool(warmup), float(inv_gamma), float(power)
-        self.num_updates = 0
-
-    def current_decay(self) -> float:
-        """The decay the next update uses (0 for the first: a copy)."""
-        k = self.num_updates
-        if k == 0:
-            return 0.0
-        if not self.warmup:
-            return self.decay
-        return min(self.decay, 1.0 - (1.0 + k / self.inv_gamma) ** -self.power)
-
-    def _tensors(self, module):
-        params = list(module.parameters())
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-        return params + buffers
-
-    @torch.no_grad()
-    def update(self, module: torch.nn.Module) -> None:
-        ema, current = self._tensors(self.module), [t.detach() for t in self._tensors(module)]
-        decay = self.current_decay()
-        if decay == 0.0:
-            torch._foreach_copy_(ema, current)
-        else:
-            torch._foreach_lerp_(ema, current, 1.0 - decay)
-        self.num_updates += 1
-
-    def state_dict(self) -> dict:
-        state = {f"module.{k}": v for k, v in self.module.state_dict().items()}
-        state["n_averaged"] = torch.tensor(self.num_updates, dtype=torch.long)
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(ema_model_state(state))
-        self.num_updates = int(state["n_averaged"])
 
 
 def _distributed() -> tuple[int, int]:
@@ -342,24 +216,31 @@ class Trainer:
             dataset, num_replicas=self.world, rank=self.rank, shuffle=True, seed=config.seed, drop_last=True
         )
         self.step = self.epoch = self.batch_in_epoch = 0
-        self.losses: list[tuple[int, float]] = []
-        self._log_rows: list[list] = []  # loss.csv rows not yet written
-        self._pending: list[tuple[int, int, float, torch.Tensor]] = []  # (step, epoch, lr, loss on the device)
-        self._stop: int | None = None  # the signal that asked the loop to stop
-        self._phase = "training"
         self._saved_step: int | None = None
-        self.skipped_steps = self._non_finite_run = 0
-        self._loss_mean: float | None = None  # running mean of the finite losses (divergence)
         self.checkpoint_path = os.path.join(config.out_dir, "checkpoint.pt")
         self.log_path = os.path.join(config.out_dir, "loss.csv")
         self.fid_path = os.path.join(config.out_dir, "fid.csv")
+        self.log = LossLog(self.log_path, config.log_every, self.rank, fp16=self.scaler is not None,
+                           images_per_step=config.batch_size * self.world, writer=self.writer,
+                           last_good=self._last_good)  # fmt: skip
+        self.stops = StopSignals(self.checkpoint_path, step=lambda: self.step, announce=self.rank == 0)
 
     @property
     def steps_per_epoch(self) -> int:
         """Optimiser steps in an epoch of this process's shard."""
         return len(self.sampler) // self.step_batch
 
-    # -- checkpoints ------------------------------------------------------------------------
+    @property
+    def losses(self) -> list[tuple[int, float]]:
+        """The (step, loss) pairs this Trainer has read so far."""
+        return self.log.losses
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps fp16's GradScaler skipped for a non-finite loss."""
+        return self.log.skipped_steps
+
+    # -- checkpoints (the file format and its checks: ddpm_fast.checkpoint) -----------------
 
     def state_dict(self) -> dict:
         return {
@@ -371,46 +252,25 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch,
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "rng_train": self.generator.get_state(),
+            **checkpoint.rng_state(self.generator),
             "config": {"train": asdict(self.config), "model": self.model_config},
         }
 
     def save(self, keep_copy: bool = False) -> None:
         """checkpoint.pt (and, with keep_copy, the same file as checkpoints/step_NNNNNNN.pt, of
-        which the newest `keep` stay)."""
-        self._read_losses()
+        which the newest `keep` stay), with the loss rows read up to it."""
+        self.log.read()
         if self.rank == 0:
             os.makedirs(self.config.out_dir, exist_ok=True)
-            self._flush_log()
+            self.log.flush()
             save_checkpoint(self.state_dict(), self.checkpoint_path)
             if keep_copy:
-                self._keep_copy()
+                checkpoint.keep_copy(self.checkpoint_path, self.step, self.config.keep)
         self._saved_step = self.step
-
-    def _keep_copy(self) -> None:
-        folder = os.path.join(self.config.out_dir, "checkpoints")
-        os.makedirs(folder, exist_ok=True)
-        path = os.path.join(folder, f"step_{self.step:07d}.pt")
-
-        def link_or_copy(tmp):
-            try:  # the same bytes, no second write (checkpoint.pt is replaced, not changed)
-                os.link(self.checkpoint_path, tmp)
-            except OSError:
-                shutil.copyfile(self.checkpoint_path, tmp)
-
-        runs.write_atomically(path, link_or_copy)
-        if self.config.keep:
-            kept = sorted(f for f in os.listdir(folder) if f.startswith("step_") and f.endswith(".pt"))
-            for old in kept[: -self.config.keep]:
-                os.remove(os.path.join(folder, old))
 
     def resume(self, path: str | None = None) -> None:
         path = path or self.checkpoint_path
-        state = load_checkpoint(path, map_location=self.device)
-        if "ema" not in state or "optimizer" not in state:
-            raise CheckpointError(f"{path!r} holds weights only (no EMA or optimizer state): it cannot be resumed")
+        state = checkpoint.load_training_state(path, map_location=self.device)
         load_weights(self.ddpm, state["model"], path)
         self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -418,29 +278,73 @@ class Trainer:
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(state["rng_cpu"].cpu())
-        if torch.cuda.is_available() and state["rng_cuda"]:
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["rng_cuda"]])
-        self.generator.set_state(state["rng_train"].cpu())
+        checkpoint.set_rng_state(state, self.generator)
         self._saved_step = self.step
-        self._trim_log()
+        self.log.trim(self.step)  # rows written after the checkpoint, before the run stopped
 
-    def _trim_log(self) -> None:
-        """Drop log rows past the checkpoint (written after it, before the run stopped)."""
-        if self.rank or not os.path.isfile(self.log_path):
-            return
-        with open(self.log_path, newline="") as f:
-            rows = [r for r in csv.reader(f) if r]  # blank lines (an editor's) carry nothing
-        body = rows[1:] if rows and rows[0] == LOG_HEADER else rows
-
-        def logged_step(row):  # None for a torn line (a crash mid-write) or a stray header
-            return int(row[0]) if len(row) == len(LOG_HEADER) and row[0].strip().isdigit() else None
-
-        keep = [LOG_HEADER] + [r for r in body if (step := logged_step(r)) is not None and step <= self.step]
-        with open(self.log_path, "w", newline="") as f:
-            csv.writer(f).writerows(keep)
+    def _last_good(self) -> str:
+        return (f"{self.checkpoint_path} (step {self._saved_step}) is the last good checkpoint"
+                if self._saved_step is not None else "no checkpoint had been written yet")  # fmt: skip
 
     # -- the loop ---------------------------------------------------------------------------
+
+    def train(self) -> list[tuple[int, float]]:
+        """Run (or go on with) the training; returns the (step, loss) pairs read so far.
+
+        SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the current step: the state is
+        saved and TrainingInterrupted is raised (see runs.StopSignals for a signal during a grid
+        or a save, and for a second signal). A non-finite loss raises NonFiniteLossError without
+        saving (under fp16 such steps are skipped, as GradScaler does, unless they keep coming)."""
+        self.ddpm.train()
+        self.ddpm.kernel_path(self.device)  # any fallback warning now, not inside the progress bar
+        with self.stops:
+            while not self._done() and self.stops.requested is None:
+                self._epoch()
+                if self.batch_in_epoch >= self.steps_per_epoch:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                    self._end_of_epoch()
+                with self.stops.during("saving"):
+                    self.save(keep_copy=bool(self.config.save_every) and self.step % self.config.save_every == 0)
+            if self.stops.requested is not None:
+                raise TrainingInterrupted(self.stops.requested, self.step, self.checkpoint_path, saved=True)
+        if self.rank == 0:
+            self.log.plot(os.path.join(self.config.out_dir, "loss.png"))
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        return self.losses
+
+    def _epoch(self) -> None:
+        """The steps left in this epoch (to its end, max_steps or a signal)."""
+        cfg, per_epoch, amp = self.config, self.steps_per_epoch, AMP_DTYPES[self.config.amp]
+        bar = tqdm(self._loader(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.batch_in_epoch,
+                   total=per_epoch, disable=not cfg.progress or self.rank != 0)  # fmt: skip
+        for x0, _ in bar:
+            x0 = x0.to(self.device, non_blocking=True, memory_format=self.memory_format)
+            loss = train_step(self.net, x0, self.optimizer, cfg.grad_clip, self.scaler, amp, self.generator,
+                              cfg.grad_accum)  # fmt: skip
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.ema.update(self.ddpm)
+            self.step, self.batch_in_epoch = self.step + 1, self.batch_in_epoch + 1
+            if self.log.add(self.step, self.epoch, lr, loss):
+                self.log.read(bar)
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.batch_in_epoch < per_epoch:
+                with self.stops.during("saving"):
+                    self.save(keep_copy=True)
+            if self.stops.requested is not None or self._done():
+                break
+        self.log.read(bar)
+        bar.close()
+
+    def _end_of_epoch(self) -> None:
+        """The sample grid and the FID this epoch asks for (a signal abandons them)."""
+        cfg = self.config
+        with self.stops.during("sampling"), contextlib.suppress(StopSampling):
+            if cfg.sample_every and self.epoch % cfg.sample_every == 0 and self.stops.requested is None:
+                self.sample_grid()
+            if cfg.fid_every and self.epoch % cfg.fid_every == 0 and self.stops.requested is None:
+                self.evaluate_fid()
 
     def _loader(self) -> DataLoader:
         self.sampler.set_epoch(self.epoch)
@@ -457,66 +361,6 @@ class Trainer:
         return self.epoch >= self.config.epochs or (
             self.config.max_steps is not None and self.step >= self.config.max_steps
         )
-
-    def train(self) -> list[tuple[int, float]]:
-        """Run (or go on with) the training; returns the (step, loss) pairs of this call.
-
-        SIGINT (Ctrl-C) and SIGTERM stop the run at the end of the current step: the state is
-        saved and TrainingInterrupted is raised (a signal during a sample grid abandons the
-        grid; a second signal before the save begins stops at once without saving, one during
-        the save lets it finish). A non-finite loss raises NonFiniteLossError without saving
-        (under fp16 such steps are skipped, as GradScaler does, unless they keep coming)."""
-        cfg = self.config
-        self.ddpm.train()
-        amp = AMP_DTYPES[cfg.amp]
-        self.ddpm.kernel_path(self.device)  # any fallback warning now, not inside the progress bar
-        with self._signals():
-            while not self._done() and self._stop is None:
-                per_epoch = self.steps_per_epoch
-                bar = tqdm(self._loader(), desc=f"epoch {self.epoch + 1}/{cfg.epochs}", initial=self.batch_in_epoch,
-                           total=per_epoch, disable=not cfg.progress or self.rank != 0)  # fmt: skip
-                for x0, _ in bar:
-                    x0 = x0.to(self.device, non_blocking=True, memory_format=self.memory_format)
-                    loss = train_step(self.net, x0, self.optimizer, cfg.grad_clip, self.scaler, amp, self.generator,
-                                      cfg.grad_accum)  # fmt: skip
-                    lr = self.scheduler.get_last_lr()[0]
-                    self.scheduler.step()
-                    self.ema.update(self.ddpm)
-                    self.step += 1
-                    self.batch_in_epoch += 1
-                    self._pending.append((self.step, self.epoch, lr, loss))
-                    if len(self._pending) >= cfg.log_every:
-                        self._read_losses(bar)
-                    if cfg.save_every and self.step % cfg.save_every == 0 and self.batch_in_epoch < per_epoch:
-                        self._phase = "saving"
-                        self.save(keep_copy=True)
-                        self._phase = "training"
-                    if self._stop is not None or (cfg.max_steps is not None and self.step >= cfg.max_steps):
-                        break
-                self._read_losses(bar)
-                bar.close()
-                if self.batch_in_epoch >= per_epoch:
-                    self.epoch += 1
-                    self.batch_in_epoch = 0
-                    self._phase = "sampling"
-                    try:
-                        if cfg.sample_every and self.epoch % cfg.sample_every == 0 and self._stop is None:
-                            self.sample_grid()
-                        if cfg.fid_every and self.epoch % cfg.fid_every == 0 and self._stop is None:
-                            self.evaluate_fid()
-                    except _StopSampling:
-                        pass
-                self._phase = "saving"
-                self.save(keep_copy=bool(cfg.save_every) and self.step % cfg.save_every == 0)
-                self._phase = "training"
-            if self._stop is not None:
-                raise TrainingInterrupted(self._stop, self.step, self.checkpoint_path, saved=True)
-        if self.rank == 0:
-            self.plot_losses()
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-        return self.losses
 
     # -- TensorBoard ------------------------------------------------------------------------
 
@@ -538,99 +382,6 @@ class Trainer:
                 return None
             self._writer = SummaryWriter(os.path.join(self.config.out_dir, "tb"), purge_step=self.step + 1)
         return self._writer
-
-    # -- stops ------------------------------------------------------------------------------
-
-    @contextmanager
-    def _signals(self):
-        """SIGINT and SIGTERM set a flag that the loop reads at each step boundary (handlers can
-        only be installed from the main thread: elsewhere the defaults stay)."""
-        self._stop, self._phase = None, "training"
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-        previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-        for s in previous:
-            signal.signal(s, self._on_signal)
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler if handler is not None else signal.SIG_DFL)
-
-    def _on_signal(self, signum, frame) -> None:
-        if self._stop is None:
-            self._stop = signum
-            if self.rank == 0:
-                tqdm.write(f"\n{signal.Signals(signum).name}: stopping at the end of this step and saving "
-                           "(a second signal stops at once without saving)", file=sys.stderr)  # fmt: skip
-            if self._phase == "sampling":  # a grid is not worth waiting for: drop it, then save
-                raise _StopSampling
-        elif self._phase != "saving":
-            raise TrainingInterrupted(signum, self.step, self.checkpoint_path, saved=False)
-        # a signal during the save: the save (atomic) finishes, then the run stops
-
-    def _read_losses(self, bar=None) -> None:
-        """Bring the pending losses to the host in one transfer (the loop's one sync every
-        log_every steps), keep their rows for loss.csv (written with the checkpoint), show the
-        latest on the bar, and stop at a non-finite loss."""
-        if not self._pending:
-            return
-        values = torch.stack([loss for *_, loss in self._pending]).float().cpu().tolist()
-        pending, self._pending = self._pending, []
-        for (step, epoch, lr, _), value in zip(pending, values):
-            if not math.isfinite(value):
-                self._non_finite(step, lr, value)
-            else:
-                self._non_finite_run = 0
-                mean = self._loss_mean
-                if mean is not None and value > DIVERGED_FACTOR * mean:
-                    raise DivergedError(
-                        f"the loss jumped to {value:.3g} at step {step} (lr {lr:.3e}), {value / mean:.3g}x its running "
-                        f"mean {mean:.3g}: training diverged; stopped without saving: {self._last_good()}. Lower --lr"
-                    )
-                self._loss_mean = value if mean is None else 0.98 * mean + 0.02 * value
-            self.losses.append((step, value))
-            if self.rank == 0:
-                self._log_rows.append([step, epoch, f"{value:.6f}", f"{lr:.3e}"])
-                if (writer := self.writer()) is not None:
-                    writer.add_scalar("loss", value, step)
-                    writer.add_scalar("lr", lr, step)
-        if bar is not None:
-            rate = bar.format_dict.get("rate") or 0.0
-            bar.set_postfix(loss=f"{values[-1]:.4f}", img_s=f"{rate * self.config.batch_size * self.world:.0f}")
-
-    def _last_good(self) -> str:
-        return (f"{self.checkpoint_path} (step {self._saved_step}) is the last good checkpoint"
-                if self._saved_step is not None else "no checkpoint had been written yet")  # fmt: skip
-
-    def _non_finite(self, step: int, lr: float, value: float) -> None:
-        last = self._last_good()
-        if self.scaler is not None:  # fp16: GradScaler skips the step (its gradients are not finite)
-            self.skipped_steps += 1
-            self._non_finite_run += 1
-            if self.skipped_steps == 1 and self.rank == 0:
-                tqdm.write(f"step {step}: loss {value}; fp16: GradScaler skipped the step (the weights did not change)",
-                           file=sys.stderr)  # fmt: skip
-            if self._non_finite_run < FP16_NON_FINITE_PATIENCE:
-                return
-            raise NonFiniteLossError(
-                f"the loss was not finite for {self._non_finite_run} steps in a row up to step {step} under fp16 "
-                f"(GradScaler skipped them); stopped without saving: {last}. Try --amp bf16 or a lower --lr"
-            )
-        raise NonFiniteLossError(
-            f"the loss is {value} at step {step} (lr {lr:.3e}); stopped without saving: {last}. "
-            "Lower --lr, check the data for nan/inf values, or use --amp bf16 instead of fp16"
-        )
-
-    def _flush_log(self) -> None:
-        new = not os.path.isfile(self.log_path)
-        with open(self.log_path, "a", newline="") as f:
-            writer = csv.writer(f)
-            if new:
-                writer.writerow(LOG_HEADER)
-            writer.writerows(self._log_rows)
-        self._log_rows.clear()
 
     @torch.no_grad()
     def sample_grid(self) -> str | None:
@@ -692,32 +443,3 @@ class Trainer:
             tb.add_scalar("fid", value, self.step)
         tqdm.write(f"epoch {self.epoch}, step {self.step}: FID {value:.2f} ({cfg.fid_samples} samples)")
         return value
-
-    def plot_losses(self) -> str | None:
-        """loss.png from loss.csv: every step and a running mean."""
-        if not os.path.isfile(self.log_path):
-            return None
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        with open(self.log_path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        steps = [int(r["step"]) for r in rows]
-        losses = [float(r["loss"]) for r in rows]
-        window = max(1, len(losses) // 50)
-        smooth = [sum(losses[max(0, i - window + 1) : i + 1]) / len(losses[max(0, i - window + 1) : i + 1])
-                  for i in range(len(losses))]  # fmt: skip
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, losses, lw=0.5, alpha=0.4, label="loss")
-        ax.plot(steps, smooth, lw=1.5, label=f"mean of {window}")
-        ax.set_xlabel("step")
-        ax.set_ylabel("L_simple")
-        ax.set_yscale("log")
-        ax.legend()
-        fig.tight_layout()
-        path = os.path.join(self.config.out_dir, "loss.png")
-        fig.savefig(path)
-        plt.close(fig)
-        return path

@@ -18,9 +18,10 @@ from ddpm_fast.kernels._common import (
     use_triton,
 )
 from ddpm_fast.kernels.attention import attention
+from ddpm_fast.kernels.ddim_step import ddim_step
 from ddpm_fast.kernels.dpm_solver import dpm_solver_step
 from ddpm_fast.kernels.group_norm_silu import group_norm, group_norm_silu
-from ddpm_fast.kernels.posterior_step import ddim_step, posterior_step
+from ddpm_fast.kernels.posterior_step import posterior_step
 from ddpm_fast.kernels.q_sample import q_sample
 
 __all__ = [

@@ -76,7 +76,7 @@ def plans_for_interpreter(device: torch.device) -> bool:
     as the tiles allow (every group of a sample in one GroupNorm program, no split for more
     programs) where a GPU's plan spreads the work over its SMs. The kernels are the same; only
     the grid and the tile sizes differ. gpu_plans() turns this off (the kernel tests check the
-    plans a GPU runs); ddpm_fast.aot runs without the interpreter, so it records GPU plans."""
+    plans a GPU runs); ddpm_fast.tools.aot runs without the interpreter, so it records GPU plans."""
     return INTERPRET and device.type == "cpu" and not _GPU_PLANS
 
 
@@ -251,7 +251,7 @@ def direct_call(*tensors) -> bool:
     """Whether a fused op may call its launcher itself instead of going through its torch.library
     custom op, whose dispatch alone costs ~6 small ATen ops on the host: in plain eager execution,
     with no gradient wanted from the call. Where torch.compile traces, a dispatch mode is active
-    (FakeTensorMode, ddpm_fast.aot's recorder), a functorch transform runs, a tensor is a
+    (FakeTensorMode, ddpm_fast.tools.aot's recorder), a functorch transform runs, a tensor is a
     subclass, or autograd needs the op's formula, the custom op runs: the same launcher either way."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
         return False

@@ -27,6 +27,7 @@ import triton.language as tl
 
 from ddpm_fast import checks, reference
 from ddpm_fast.kernels._common import Plans, direct_call, elementwise_out, meta_key, on_input_device, use_triton
+from ddpm_fast.kernels._elementwise import clamped_index, sample_block
 from ddpm_fast.kernels.posterior_step import _clip, _plan, _wants_grad
 
 
@@ -37,11 +38,8 @@ def _dpm_solver_step_kernel(
     stride_xb, stride_xn, stride_ob, stride_on, stride_pb, stride_pn, stride_s,
     HAS_PREV: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    i = tl.minimum(tl.maximum(tl.load(STEP_ptr + b * stride_s), 0), S - 1)
+    b, cols, mask = sample_block(N, blocks_per_row, BLOCK)
+    i = clamped_index(STEP_ptr, b, stride_s, S)
     row = COEF_ptr + i * 5
     p = tl.load(row)
     q = tl.load(row + 1)

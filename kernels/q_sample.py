@@ -28,7 +28,8 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import as_rows, elementwise_block, elementwise_out, on_input_device, use_triton
+from ddpm_fast.kernels._common import as_rows, cdiv, elementwise_block, elementwise_out, on_input_device, use_triton
+from ddpm_fast.kernels._elementwise import clamped_index, sample_block
 from ddpm_fast.schedule import extract
 
 
@@ -39,12 +40,9 @@ def _q_sample_fwd_kernel(
     stride_xb, stride_xn, stride_nb, stride_nn, stride_t,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
+    b, cols, mask = sample_block(N, blocks_per_row, BLOCK)
     # This sample's coefficients, gathered by its own timestep (clamped into the schedule).
-    t = tl.minimum(tl.maximum(tl.load(T_ptr + b * stride_t), 0), T - 1)
+    t = clamped_index(T_ptr, b, stride_t, T)
     a = tl.load(SQRT_AC_ptr + t)
     s = tl.load(SQRT_1MAC_ptr + t)
     x0 = tl.load(X0_ptr + b * stride_xb + cols * stride_xn, mask=mask).to(tl.float32)
@@ -59,11 +57,8 @@ def _q_sample_bwd_kernel(
     stride_gb, stride_gn, stride_t,
     BLOCK: tl.constexpr,
 ):  # fmt: skip
-    pid = tl.program_id(0)
-    b = (pid // blocks_per_row).to(tl.int64)
-    cols = (pid % blocks_per_row) * BLOCK + tl.arange(0, BLOCK)
-    mask = cols < N
-    t = tl.minimum(tl.maximum(tl.load(T_ptr + b * stride_t), 0), T - 1)
+    b, cols, mask = sample_block(N, blocks_per_row, BLOCK)
+    t = clamped_index(T_ptr, b, stride_t, T)
     g = tl.load(G_ptr + b * stride_gb + cols * stride_gn, mask=mask).to(tl.float32)
     # x_t is linear in x0 and eps: each gradient is g times that input's coefficient.
     a = tl.load(SQRT_AC_ptr + t)
@@ -73,7 +68,7 @@ def _q_sample_bwd_kernel(
 
 
 def _grid(B: int, N: int, block: int) -> tuple[int, tuple[int]]:
-    blocks_per_row = triton.cdiv(N, block)
+    blocks_per_row = cdiv(N, block)
     return blocks_per_row, (B * blocks_per_row,)
 
 

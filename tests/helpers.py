@@ -6,7 +6,7 @@ import os
 import torch
 
 from ddpm_fast import checks
-from ddpm_fast.selfcheck import TOLERANCES
+from ddpm_fast.tools.selfcheck import TOLERANCES
 
 # Set by conftest.py from DDPM_FAST_TEST_DEVICE: "cuda" (compiled kernels) or "cpu" (interpreter).
 DEVICE = torch.device(os.environ.get("DDPM_FAST_TEST_DEVICE", "cpu"))

@@ -123,11 +123,13 @@ def test_chunked_head_dims(monkeypatch, d, dv, L, layout):
     import importlib
 
     attention_module = importlib.import_module("ddpm_fast.kernels.attention")
-    for cache in ("_FWD_PLANS", "_CALLS"):  # plans made before this test would not ask _split again
-        monkeypatch.setattr(attention_module, cache, type(getattr(attention_module, cache))())
+    plan_module = importlib.import_module("ddpm_fast.kernels.attention_plan")
+    for module, cache in ((plan_module, "_FWD_PLANS"), (attention_module, "_CALLS")):  # plans made before this
+        monkeypatch.setattr(module, cache, type(getattr(module, cache))())  # test would not ask _split again
     launched = []
-    split = attention_module._split
-    monkeypatch.setattr(attention_module, "_split", lambda *a: launched.append((a[-1], split(*a))) or launched[-1][1])
+    split = plan_module._split
+    for module in (plan_module, attention_module):  # the forward's plan and the backward's launcher ask it
+        monkeypatch.setattr(module, "_split", lambda *a: launched.append((a[-1], split(*a))) or launched[-1][1])
     q, k = qkv(2, 1, L, d, torch.float32, layout)[:2]
     v = qkv(2, 1, L, dv, torch.float32, layout)[0]
     check(q, k, v, torch.randn(2, 1, L, dv), torch.float32)
@@ -221,7 +223,7 @@ def test_3xtf32_dots_hold_float32_accuracy(d):
     float32 tolerance against float64, where a single TF32 product does not: so the choice keeps
     the float32 contract. The compiled kernel itself is held to the same tolerance on a GPU
     (these tests' float32 cases there, and `ddpm-fast check`)."""
-    from ddpm_fast.kernels.attention import TF32X3_CHUNKED, TF32X3_HOLD
+    from ddpm_fast.kernels.attention_plan import TF32X3_CHUNKED, TF32X3_HOLD
 
     chunk = d if d <= TF32X3_HOLD["fwd"] else TF32X3_CHUNKED["fwd"][d][1]
     q, k, v = (t.float() for t in qkv(2, 1, 256, d, torch.float32, "token_major"))

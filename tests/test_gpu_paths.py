@@ -16,6 +16,7 @@ from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buff
 
 common = importlib.import_module("ddpm_fast.kernels._common")
 attention_module = importlib.import_module("ddpm_fast.kernels.attention")
+plan_module = importlib.import_module("ddpm_fast.kernels.attention_plan")
 
 pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
 
@@ -260,16 +261,16 @@ def test_spilling_autotune_configs_are_pruned_on_a_gpu(monkeypatch):
 
     configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": 32}, num_warps=4, num_stages=2) for m in (128, 64, 32)]
     named = {"Q_ptr": "q", "L": 49}
-    monkeypatch.setattr(attention_module, "interpreter_on", lambda: False)
+    monkeypatch.setattr(plan_module, "interpreter_on", lambda: False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     kernel = Kernel(spilling={128, 32})
-    kept = attention_module.spill_free(kernel, configs, named, {"BLOCK_D": 64, "grid": None, "warmup": False})
+    kept = plan_module.spill_free(kernel, configs, named, {"BLOCK_D": 64, "grid": None, "warmup": False})
     assert [c.kwargs["BLOCK_M"] for c in kept] == [64]
     args, kwargs = kernel.calls[0]
     assert args == ("q", 49) and kwargs["BLOCK_D"] == 64 and "grid" not in kwargs and kwargs["num_warps"] == 4
-    assert attention_module.spill_free(Kernel(spilling={128, 64, 32}), configs, named, {"BLOCK_D": 64}) == configs
+    assert plan_module.spill_free(Kernel(spilling={128, 64, 32}), configs, named, {"BLOCK_D": 64}) == configs
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # no GPU: nothing compiled, nothing pruned
-    assert attention_module.spill_free(Kernel(spilling={64}), configs, named, {"BLOCK_D": 64}) == configs
+    assert plan_module.spill_free(Kernel(spilling={64}), configs, named, {"BLOCK_D": 64}) == configs
 
 
 # -- short schedules --------------------------------------------------------------------------------

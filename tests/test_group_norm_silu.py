@@ -10,6 +10,7 @@ from helpers import DTYPES, TOL
 from ddpm_fast import GroupNormSiLU, kernels, reference
 
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
+plan_module = importlib.import_module("ddpm_fast.kernels.group_norm_plan")
 
 # tensors on the tests' device; the grids and tiles a GPU runs, not the interpreter's (conftest.py)
 pytestmark = [pytest.mark.on_device, pytest.mark.gpu_plans]
@@ -97,11 +98,11 @@ def test_groups_are_split_across_programs_only_where_it_pays():
     time: the paper's U-Net (at most 16 KB per group) runs one kernel per GroupNorm at batch 1 too;
     a batch-1 256x256 map (1 MB groups) and groups that do not fit a tile are split."""
     cpu = torch.device("cpu")
-    assert gn_module.forward_plan(1, 32, 4, 32 * 32, cpu)[0] == 0  # the U-Net's 32x32 level, batch 1
-    assert gn_module.forward_plan(1, 32, 8, 4 * 4, cpu)[0] == 0  # tiny groups: one kernel
-    assert gn_module.forward_plan(1, 32, 4, 256 * 256, cpu)[0] > 1  # 1 MB groups, 32 programs
-    assert gn_module.forward_plan(128, 32, 4, 256 * 256, cpu)[0] == 1  # enough programs; no tile holds a group
-    assert gn_module.forward_plan(128, 32, 4, 32 * 32, cpu)[0] == 0
+    assert plan_module.forward_plan(1, 32, 4, 32 * 32, cpu)[0] == 0  # the U-Net's 32x32 level, batch 1
+    assert plan_module.forward_plan(1, 32, 8, 4 * 4, cpu)[0] == 0  # tiny groups: one kernel
+    assert plan_module.forward_plan(1, 32, 4, 256 * 256, cpu)[0] > 1  # 1 MB groups, 32 programs
+    assert plan_module.forward_plan(128, 32, 4, 256 * 256, cpu)[0] == 1  # enough programs; no tile holds a group
+    assert plan_module.forward_plan(128, 32, 4, 32 * 32, cpu)[0] == 0
 
 
 def test_backward_over_groups_larger_than_a_tile(monkeypatch):
@@ -198,14 +199,14 @@ def test_channels_last_is_read_nhwc_native(shape, dtype, monkeypatch):
     y, dy or dx; every plan (groups in one tile, split statistics, looped backward) exact."""
     G, x, w, b, a = inputs(shape, dtype, memory_format=torch.channels_last)
     C = shape[1]
-    assert gn_module.group_block(G, C // G, shape[2] * shape[3], 1, x.element_size()) > 1
+    assert plan_module.group_block(G, C // G, shape[2] * shape[3], 1, x.element_size()) > 1
     grad = torch.randn(x.shape).contiguous(memory_format=torch.channels_last)
     reshapes = []
     real = gn_module._as_bchw
     monkeypatch.setattr(gn_module, "_as_bchw", lambda t: reshapes.append(real(t).data_ptr() == t.data_ptr()) or real(t))
     fused = run(kernels.group_norm_silu, G, x, w, b, a, grad)
     assert all(reshapes) and len(reshapes) == 3  # x, dy, dx backward: views, not copies
-    assert not gn_module._FwdPlan(x, G, a, None).copy_x  # the forward passes x and y as they lie
+    assert not plan_module._FwdPlan(x, G, a, None).copy_x  # the forward passes x and y as they lie
     assert fused[0].is_contiguous(memory_format=torch.channels_last)
     assert fused[1].is_contiguous(memory_format=torch.channels_last)
     expected = run(eager64, G, x, w, b, a, grad, double=True)
@@ -219,15 +220,15 @@ def test_channels_last_is_read_nhwc_native(shape, dtype, monkeypatch):
 def test_every_unet_group_stays_on_chip_in_the_backward():
     """Every GroupNorm of the paper's U-Net, NCHW and NHWC, fp32 and half: forward and backward
     hold the whole group (block) in one tile, so x and dy are read once."""
-    from ddpm_fast.aot import UNET_GROUP_NORMS
+    from ddpm_fast.tools.aot import UNET_GROUP_NORMS
 
     for channels, size in UNET_GROUP_NORMS:
         cpg, hw = channels // 32, size * size
         for stride_c in (hw, 1):
             for element_size in (4, 2):
-                gb = gn_module.group_block(32, cpg, hw, stride_c, element_size)
-                for max_tile in (gn_module.MAX_TILE_FWD, gn_module.MAX_TILE_BWD):
-                    block_c, block_hw = gn_module._tile(gb, cpg, hw, max_tile)
+                gb = plan_module.group_block(32, cpg, hw, stride_c, element_size)
+                for max_tile in (plan_module.MAX_TILE_FWD, gn_module.MAX_TILE_BWD):
+                    block_c, block_hw = plan_module._tile(gb, cpg, hw, max_tile)
                     assert block_hw >= hw, (channels, size, stride_c, element_size)
 
 

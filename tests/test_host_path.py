@@ -11,15 +11,17 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm_fast import FastDDPM, UNet, kernels
-from ddpm_fast.launches import sampling_step_launches
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
+from ddpm_fast.tools.launches import sampling_step_launches
 from ddpm_fast.unet import ConcatCache
 
 pytestmark = pytest.mark.on_device
 
 gn_module = importlib.import_module("ddpm_fast.kernels.group_norm_silu")
 attention_module = importlib.import_module("ddpm_fast.kernels.attention")
+plan_module = importlib.import_module("ddpm_fast.kernels.attention_plan")
 step_module = importlib.import_module("ddpm_fast.kernels.posterior_step")
+ddim_module = importlib.import_module("ddpm_fast.kernels.ddim_step")
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +48,7 @@ def _ops():
         ("posterior_step", lambda: kernels.posterior_step(x_t, eps, t, z, *step),
          lambda: step_module.posterior_step_op(x_t, eps, t, z, None, *step, "epsilon", True)),
         ("ddim_step", lambda: kernels.ddim_step(x_t, eps, t, t_prev, z, abar, eta=0.5),
-         lambda: step_module.ddim_step_op(x_t, eps, t, t_prev, z, None, abar, 0.5, "epsilon", True, False)),
+         lambda: ddim_module.ddim_step_op(x_t, eps, t, t_prev, z, None, abar, 0.5, "epsilon", True, False)),
     ]  # fmt: skip
 
 
@@ -153,7 +155,7 @@ def test_fused_unet_projects_every_time_embedding_in_one_gemm():
 @pytest.mark.on_cpu
 def test_batch1_sampling_step_launches_at_most_200_kernels():
     """The paper's 35.7M U-Net, one DDPM sampling step at batch 1, fused: Triton kernels plus ATen
-    ops that launch a kernel, counted with every Triton launch stubbed (ddpm_fast.launches)."""
+    ops that launch a kernel, counted with every Triton launch stubbed (ddpm_fast.tools.launches)."""
     fused, eager = sampling_step_launches(1, fused=True), sampling_step_launches(1, fused=False)
     assert fused["total"] <= 200, fused
     assert fused["triton_kernels"]["_gn_silu_fwd_fused_kernel"] == 51  # every GroupNorm one kernel
@@ -183,7 +185,7 @@ def test_attention_tuning_is_kept_on_disk_and_ignores_the_batch(monkeypatch):
     Triton adds the dtypes), never the batch or the heads, and its choice is cached on disk."""
     import triton
 
-    assert attention_module._TUNING_KEY == ["L", "D", "DV", "stride_qd", "stride_kd", "stride_vd"]
+    assert plan_module._TUNING_KEY == ["L", "D", "DV", "stride_qd", "stride_kd", "stride_vd"]
     monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # the interpreter turns the disk cache off
-    tuned = attention_module._autotuned(attention_module._attn_fwd, attention_module.FWD_CONFIGS)
-    assert tuned.cache_results and tuned.keys == attention_module._TUNING_KEY
+    tuned = plan_module._autotuned(attention_module._attn_fwd, plan_module.FWD_CONFIGS)
+    assert tuned.cache_results and tuned.keys == plan_module._TUNING_KEY

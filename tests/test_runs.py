@@ -70,30 +70,6 @@ def test_a_folder_that_holds_a_run_is_refused_unless_resume_or_overwrite(tmp_pat
     assert sorted(os.listdir(out)) == [runs.LOCK_NAME, "notes.txt"]  # only the run's own files went
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "\n", "step,epoch,loss,lr\n", "step,epoch,loss,lr\n1,0,0.5,1e-4\n\n2,0,0.4,1e-4\n\n5,1,0.3,1e-4\n",
-     "1,0,0.5,1e-4\n2,0,0.4,1e-4\n3,0,0.2", "step,epoch,loss,lr\r\n1,0,0.5,1e-4\r\n2,0,0.4,1e-4\r\n4,0,0.4"],
-    ids=["empty", "blank", "header", "blank-lines", "no-header-torn", "crlf-torn"],
-)  # fmt: skip
-def test_resume_trims_any_log_to_the_checkpoints_step(tmp_path, text):
-    """--resume keeps loss.csv's rows up to the checkpoint's step. Blank lines (an editor's), a
-    torn last line (a crash mid-write), a missing header or an empty file crashed it (IndexError);
-    now they are dropped or the header put back, and the next rows append after it."""
-    run = trainer(tmp_path / "run")
-    log = tmp_path / "run" / "loss.csv"
-    log.parent.mkdir(exist_ok=True)
-    log.write_text(text)
-    run.step = 2
-    run._trim_log()
-    rows = [r.split(",") for r in log.read_text().splitlines()]
-    expected = [["1", "0", "0.5", "1e-4"], ["2", "0", "0.4", "1e-4"]] if "0.4" in text else []
-    assert rows == [train_module.LOG_HEADER, *expected]
-    run._log_rows.append([3, 0, 0.1, 1e-4])
-    run._flush_log()
-    assert log.read_text().splitlines()[-1] == "3,0,0.1,0.0001" and len(log.read_text().splitlines()) == len(rows) + 1
-
-
 def test_bad_out_places_are_refused_before_any_work(tmp_path, capsys):
     a_file = tmp_path / "file"
     a_file.write_text("")
@@ -123,18 +99,6 @@ def test_stale_temporary_files_of_a_dead_run_are_removed(tmp_path, capsys):
     stale.write_bytes(b"half a checkpoint")
     runs.prepare_run_dir(str(tmp_path)).release()
     assert not stale.exists() and "removed" in capsys.readouterr().out
-
-
-def test_a_save_that_fails_or_is_interrupted_leaves_no_temporary_file(tmp_path, monkeypatch):
-    def interrupted_save(obj, path):
-        with open(path, "wb") as f:
-            f.write(b"partial")
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(torch, "save", interrupted_save)
-    with pytest.raises(KeyboardInterrupt):
-        save_checkpoint({"a": 1}, str(tmp_path / "checkpoint.pt"))
-    assert os.listdir(tmp_path) == []
 
 
 # -- option ranges and devices -----------------------------------------------------------------

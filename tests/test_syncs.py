@@ -7,8 +7,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from ddpm_fast import DDPM, FastDDPM, UNet, UNetConfig, kernels
+from ddpm_fast.ema import EMA
 from ddpm_fast.schedule import POSTERIOR_STEP_BUFFERS, make_betas, schedule_buffers
-from ddpm_fast.train import EMA, train_step
+from ddpm_fast.train import train_step
 
 pytestmark = pytest.mark.on_device  # tensors on the tests' device (conftest.py)
 
@@ -117,8 +118,8 @@ def test_the_trainer_reads_the_loss_every_n_steps(tmp_path, monkeypatch):
                       warmup=2)  # fmt: skip
     trainer = Trainer(DDPM(UNet(TINY), image_size=8, timesteps=3), data, cfg, "cpu")
     reads = []
-    real = trainer._read_losses
-    monkeypatch.setattr(trainer, "_read_losses", lambda bar=None: reads.append(len(trainer._pending)) or real(bar))
+    real = trainer.log.read
+    monkeypatch.setattr(trainer.log, "read", lambda bar=None: reads.append(len(trainer.log.pending)) or real(bar))
     losses = trainer.train()
     assert [s for s, _ in losses] == list(range(1, 9))
     assert [n for n in reads if n] == [4, 4]  # two reads of four losses each over the epoch's 8 steps

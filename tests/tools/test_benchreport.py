@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from ddpm_fast import benchreport
 from ddpm_fast.cli import main
+from ddpm_fast.tools import benchreport
 
 
 def bench(group, impl, median, **info):

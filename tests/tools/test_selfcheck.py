@@ -10,7 +10,7 @@ import torch
 from helpers import DEVICE
 
 import ddpm_fast.kernels
-from ddpm_fast import selfcheck
+from ddpm_fast.tools import selfcheck
 
 
 def test_every_op_passes_and_is_reported():
@@ -87,7 +87,7 @@ def test_bench_report_tables_and_the_tests_step(tmp_path, monkeypatch):
     """`ddpm-fast check --bench DIR`'s markdown: each group's alternatives side by side and the fused
     path's speed-up over eager and over the best other alternative (its CUDA graph when there is
     one); the kernel-tests step says why it did not run outside a checkout."""
-    from ddpm_fast import checkbench
+    from ddpm_fast.tools import checkbench
 
     report = {
         "versions": [("torch", torch.__version__)],
@@ -127,5 +127,8 @@ def test_bench_report_tables_and_the_tests_step(tmp_path, monkeypatch):
     assert "| attn | 4.000 | 1.000 |  | 2.000 |  |  | 4.00x | 2.00x |" in text
     assert "| step | 10.000 | 8.000 |  |  | 5.000 | 2.000 | 5.00x | 2.50x |" in text
     assert "passed: 300 tests, 0 failures, 0 errors, 1 skipped, 90.0 s" in text
+    from pathlib import Path
+
+    assert checkbench._checkout_tests() == Path(__file__).resolve().parents[1]  # this checkout's tests/
     monkeypatch.setattr(checkbench, "_checkout_tests", lambda: None)
     assert checkbench.run_tests(torch.device("cpu"), tmp_path)["status"] == "not run"

@@ -2,8 +2,9 @@
 
 import torch
 
-from ddpm_fast import UNetConfig, traffic
-from ddpm_fast.traffic import count_eager
+from ddpm_fast import UNetConfig
+from ddpm_fast.tools import traffic
+from ddpm_fast.tools.traffic import count_eager
 
 
 def test_counts_kernels_and_bytes_and_ignores_views():

@@ -2,7 +2,7 @@
 beyond torch, triton and this package's own dependencies (no diffusers, no network):
 
 1. the check itself: versions, every fused op against its float64 eager twin at the U-Net's
-   shapes in float32, float16 and bfloat16 (ddpm_fast.selfcheck);
+   shapes in float32, float16 and bfloat16 (ddpm_fast.tools.selfcheck);
 2. the checkout's on-device kernel tests (`pytest -m on_device tests/`, compiled kernels on the
    GPU), where pytest and the tests/ folder are there, counted from pytest's JUnit XML;
 3. the key benchmark groups, each alternative timed on the same inputs (torch.utils.benchmark,
@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 
-from ddpm_fast import selfcheck
+from ddpm_fast.tools import selfcheck
 
 TESTS_TIMEOUT_S = 240
 
 
 def _checkout_tests() -> Path | None:
-    tests = Path(__file__).resolve().parent.parent / "tests"
+    tests = Path(__file__).resolve().parents[2] / "tests"  # ddpm_fast/tools/checkbench.py -> the checkout
     return tests if (tests / "conftest.py").is_file() else None
 
 

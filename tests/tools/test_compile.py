@@ -10,7 +10,7 @@ at most aot.MINOR_SPILL_B bytes (one or two registers, which some ptxas releases
 GroupNorm tiles; listed as minor spills); an autotuned attention launch must have a spill-free
 configuration, and those of its
 configurations that spill under the installed Triton (a list clean under 3.9 is not under 3.8)
-are the ones kernels.attention.spill_free drops on the GPU before timing: they never run."""
+are the ones kernels.attention_plan.spill_free drops on the GPU before timing: they never run."""
 
 import json
 import os
@@ -20,7 +20,7 @@ import sys
 import pytest
 import torch
 
-from ddpm_fast import aot
+from ddpm_fast.tools import aot
 
 CAPS = (80, 90)
 pytestmark = pytest.mark.slow  # compiles every launch for two GPUs: minutes
@@ -31,7 +31,7 @@ def reports() -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     procs = {
         cap: subprocess.Popen(
-            [sys.executable, "-m", "ddpm_fast.aot", "--cap", str(cap), "--json"],
+            [sys.executable, "-m", "ddpm_fast.tools.aot", "--cap", str(cap), "--json"],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -135,7 +135,7 @@ def test_float32_attention_runs_on_tensor_cores_at_every_head_dim(reports):
 
 
 def test_a_test_folders_own_launches_are_recorded_and_compiled(tmp_path):
-    """`python -m ddpm_fast.aot --scenarios tests` runs the on_device tests of a folder with each
+    """`python -m ddpm_fast.tools.aot --scenarios tests` runs the on_device tests of a folder with each
     fused op recorded on its Triton path, as a CUDA run launches it, then computed by its eager
     twin: the tests go on with correct values (forward and backward), and what they would launch
     on a GPU is compiled. Unmarked tests are not run."""
@@ -153,8 +153,8 @@ def test_a_test_folders_own_launches_are_recorded_and_compiled(tmp_path):
     )
     (tmp_path / "test_other.py").write_text("def test_not_a_kernel_test():\n    raise AssertionError\n")
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "DDPM_FAST_KERNELS")}
-    proc = subprocess.run([sys.executable, "-m", "ddpm_fast.aot", "--scenarios", "tests", "--test-dir", str(tmp_path),
-                           "--cap", "90", "--json"], env=env, capture_output=True, text=True, timeout=900)  # fmt: skip
+    argv = [sys.executable, "-m", "ddpm_fast.tools.aot", "--scenarios", "tests", "--test-dir", str(tmp_path)]
+    proc = subprocess.run([*argv, "--cap", "90", "--json"], env=env, capture_output=True, text=True, timeout=900)
     assert proc.stdout, proc.stderr[-3000:]
     report = json.loads(proc.stdout.splitlines()[-1])
     assert report["test_outcomes"] == {"passed": 1}, proc.stderr[-3000:]
