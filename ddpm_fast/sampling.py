@@ -46,14 +46,28 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 class Parts:
-    """OUT.parts/: one .npz per finished batch (`indices`, `images`), named r<rank>-<k>-n<count>.npz."""
+    """OUT.parts/: one .npz per finished batch (`indices`, `images`), named r<rank>-<k>-n<count>.npz.
+    Rank 0 locks the folder (runs.RunLock) until `release()`: a second `sample` into the same --out
+    is refused by name instead of racing this one (and removing its temporary files)."""
 
     def __init__(self, out: str, settings: dict, resume: bool, rank: int):
         self.folder, self.rank = out + PARTS, rank
         self.settings_path = os.path.join(self.folder, "settings.json")
         self._next = None  # this rank's next part number, found on its first write
+        self._lock = None
         if rank == 0:
-            self._prepare(settings, resume)
+            os.makedirs(self.folder, exist_ok=True)
+            self._lock = runs.RunLock(self.folder, option="--out")
+            try:
+                self._prepare(settings, resume)
+            except BaseException:
+                self.release()
+                raise
+
+    def release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def _prepare(self, settings: dict, resume: bool) -> None:
         held = self.files()
@@ -69,8 +83,7 @@ class Parts:
             if differ:
                 what = ", ".join(f"{k} {settings.get(k)!r} (the run's: {saved.get(k)!r})" for k in differ)
                 raise ValueError(f"--resume: these settings differ from the run in {self.folder}: {what}")
-        os.makedirs(self.folder, exist_ok=True)
-        runs.remove_stale_tmp(self.folder)
+        runs.remove_stale_tmp(self.folder)  # under the lock: no live writer owns them
         runs.write_atomically(self.settings_path, lambda tmp: _write_json(tmp, settings))
 
     def files(self) -> list[str]:
@@ -127,6 +140,13 @@ def sample_images(ddpm, n: int, args, device, draw, settings: dict, progress: bo
     (None elsewhere) once every rank is done."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     parts = Parts(args.out, settings, args.resume, rank)
+    try:
+        return _sample_parts(parts, n, args, device, draw, rank, world, progress)
+    finally:
+        parts.release()
+
+
+def _sample_parts(parts: Parts, n: int, args, device, draw, rank: int, world: int, progress: bool):
     if world > 1:
         dist.barrier()  # rank 0 has checked and made the folder
     done = parts.done() if args.resume else set()

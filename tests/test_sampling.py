@@ -95,6 +95,20 @@ def test_a_stopped_run_resumes_with_the_images_not_yet_on_disk(checkpoint, tmp_p
     assert calls == [[4, 5, 6]] and np.array_equal(resumed, full)
 
 
+def test_a_second_sample_into_the_same_out_is_refused_while_one_runs(checkpoint, tmp_path, capsys):
+    """OUT.parts is locked by the run writing it: a second `sample --out` there is refused by name
+    (it would race the first and remove its temporary files), and goes through once it is free."""
+    out = tmp_path / "s.npz"
+    running = sampling.Parts(str(out), {}, False, rank=0)  # a live run's rank 0
+    try:
+        with pytest.raises(SystemExit) as e:
+            run_sample(checkpoint, out, "--num-images", "3")
+        assert e.value.code == 2 and "is in use by another ddpm-fast run" in capsys.readouterr().err
+    finally:
+        running.release()
+    assert run_sample(checkpoint, out, "--num-images", "3").shape[0] == 3
+
+
 @pytest.mark.slow
 def test_a_killed_process_resumes_to_the_uninterrupted_file(checkpoint, tmp_path):
     """SIGKILL mid-run (no handler runs): the finished batches stay in OUT.parts, a batch in flight
