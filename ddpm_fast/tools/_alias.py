@@ -12,7 +12,6 @@ def alias(old: str, new: str) -> None:
     runs `python -m new`. Either way a DeprecationWarning names the new path."""
     warnings.warn(f"{old.replace('__main__', 'this module')} moved to {new}", DeprecationWarning, stacklevel=3)
     if old == "__main__":
-        sys.modules.pop(new, None)  # run_module re-executes it as __main__
         runpy.run_module(new, run_name="__main__", alter_sys=True)
     else:
         sys.modules[old] = importlib.import_module(new)
