@@ -168,8 +168,8 @@ def fuse_pipeline(pipe, enabled: bool = True) -> int:
     """A DDPMPipeline / DDIMPipeline (anything with .unet and .scheduler): its unet fused as
     fuse_diffusers does, and its scheduler's `step` (an instance attribute) on
     kernels.posterior_step / kernels.ddim_step where the scheduler's config is one those compute
-    exactly; elsewhere, and for a step they do not cover (strided DDPM steps, learned variance,
-    a mask of both a generator and variance_noise), diffusers' own step runs."""
+    exactly (consecutive or strided timesteps, fixed or learned-range variances); elsewhere, and
+    for a DDIM step given both a generator and variance_noise, diffusers' own step runs."""
     from ddpm_fast.fast import fuse
 
     count = fuse(pipe.unet, enabled)
@@ -202,16 +202,43 @@ def _fused_step_for(scheduler):
     return None
 
 
-def _buffers(scheduler, device, build):
+def _buffers(scheduler, device, build, spacing=None):
+    """build()'s tensors, kept on the scheduler per device and `spacing` (the timesteps tensor a
+    strided schedule's buffers were built for: set_timesteps makes a new one)."""
     found = scheduler.__dict__.get(_BUFFERS)
-    if found is None or found[0] != device:
-        found = scheduler.__dict__[_BUFFERS] = (device, build())
-    return found[1]
+    if found is None or found[0] != device or found[1] is not spacing:
+        found = scheduler.__dict__[_BUFFERS] = (device, spacing, build())
+    return found[2]
+
+
+def _strided_buffers(scheduler, device) -> list:
+    """The posterior step's buffers (POSTERIOR_STEP_BUFFERS, then log beta) for a schedule whose
+    steps skip timesteps (num_inference_steps < num_train_timesteps), indexed by t: each of the
+    scheduler's timesteps steps to the next (its previous_timestep, -1 after the last), with the
+    beta that spacing implies, as DDPMScheduler.step computes it:
+        beta'_t = 1 - abar_t / abar_prev,        var_t = max((1 - abar_prev) / (1 - abar_t) beta'_t, 1e-20)
+        coef1 = sqrt(abar_prev) beta'_t / (1 - abar_t)
+        coef2 = sqrt(abar_t / abar_prev) (1 - abar_prev) / (1 - abar_t)
+    and log var_t (fixed_small; the learned range's lower end) or log beta'_t (fixed_large) as the
+    step's log variance. In float64 from the scheduler's own alphas_cumprod, stored float32."""
+    abar = scheduler.alphas_cumprod.double().cpu()
+    steps = scheduler.timesteps.long().cpu()
+    prev = torch.arange(abar.shape[0]) - 1  # timesteps outside the schedule: never read
+    prev[steps] = torch.cat([steps[1:], steps.new_full((1,), -1)])
+    abar_prev = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.ones_like(abar))
+    beta = 1 - abar / abar_prev
+    var = ((1 - abar_prev) / (1 - abar) * beta).clamp(min=1e-20)
+    log_var = beta.log() if scheduler.config.variance_type == "fixed_large" else var.log()
+    bufs = [1 / abar.sqrt(), (1 / abar - 1).sqrt(), abar_prev.sqrt() * beta / (1 - abar),
+            (abar / abar_prev).sqrt() * (1 - abar_prev) / (1 - abar), log_var, beta.log()]  # fmt: skip
+    return [b.to(device, torch.float32) for b in bufs]
 
 
 def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, return_dict=True):
-    """DDPMScheduler.step on kernels.posterior_step, for consecutive timesteps (the pipeline's
-    default: as many inference steps as training steps), fixed or learned-range variances."""
+    """DDPMScheduler.step on kernels.posterior_step, fixed or learned-range variances; for
+    consecutive timesteps (the pipeline's default: as many inference steps as training steps)
+    from the schedule's buffers, for strided ones (num_inference_steps < num_train_timesteps)
+    from buffers of the spacing (_strided_buffers)."""
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
     from diffusers.utils.torch_utils import randn_tensor
 
@@ -220,14 +247,17 @@ def _fused_ddpm_step(self, model_output, timestep, sample, generator=None, retur
     t = int(timestep)
     learned = self.config.variance_type == "learned_range"
     expected = (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if learned else sample.shape
-    if self.previous_timestep(t) != t - 1 or model_output.shape != expected:
+    if model_output.shape != expected:
         return type(self).step(self, model_output, timestep, sample, generator=generator, return_dict=return_dict)
 
     def build():  # from the scheduler's own betas: any beta_schedule it was given
         b = schedule_buffers(self.betas.double(), self.config.variance_type)
         return [b[name].to(sample.device) for name in (*POSTERIOR_STEP_BUFFERS, "log_betas")]
 
-    *bufs, log_betas = _buffers(self, sample.device, build)
+    if int(self.previous_timestep(t)) == t - 1:
+        *bufs, log_betas = _buffers(self, sample.device, build)
+    else:
+        *bufs, log_betas = _buffers(self, sample.device, lambda: _strided_buffers(self, sample.device), self.timesteps)
     variance = {}
     if learned:  # diffusers' split: the prediction, then the variance values
         model_output, values = model_output.split(sample.shape[1], dim=1)

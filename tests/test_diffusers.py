@@ -310,25 +310,29 @@ def test_fuse_leaves_what_it_does_not_cover_on_diffusers_path_and_says_how_many(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["ddpm", "ddpm_learned_range", "ddim"])
+@pytest.mark.parametrize(
+    "kind", ["ddpm", "ddpm_learned_range", "ddim", "ddpm_strided", "ddpm_strided_fixed_small", "ddpm_strided_learned"]
+)
 def test_fuse_a_pipeline_gives_its_images_with_the_fused_step(kind, monkeypatch):
     """fuse(DDPMPipeline / DDIMPipeline): the unet fused and the scheduler's step on the fused
     reverse-step kernel (it really runs), the pipeline's images those of the unfused pipeline for
-    the same generator (cosine betas, v-prediction, fixed_large or a learned range (a 6-channel
-    unet), clipping; DDIM with eta > 0 draws its noise as diffusers does); unfuse puts
-    diffusers' step back."""
+    the same generator (cosine betas, v-prediction, fixed_large, fixed_small or a learned range
+    (a 6-channel unet), clipping; DDPM over every timestep or strided, 3 of 10; DDIM with eta > 0
+    draws its noise as diffusers does); unfuse puts diffusers' step back."""
     from diffusers import DDIMPipeline, DDPMPipeline
 
     from ddpm_fast import fuse, kernels, unfuse
 
     monkeypatch.setenv("DDPM_FAST_KERNELS", "triton")
-    unet = diffusers_unet({**SMALL, "out_channels": 6} if kind == "ddpm_learned_range" else SMALL).cpu()
-    options = dict(num_train_timesteps=4, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction",
-                   clip_sample=True)  # fmt: skip
+    learned = kind.endswith(("learned_range", "learned"))
+    unet = diffusers_unet({**SMALL, "out_channels": 6} if learned else SMALL).cpu()
+    strided = "strided" in kind
+    options = dict(num_train_timesteps=10 if strided else 4, beta_schedule="squaredcos_cap_v2",
+                   prediction_type="v_prediction", clip_sample=True)  # fmt: skip
     if kind.startswith("ddpm"):
-        variance = "fixed_large" if kind == "ddpm" else "learned_range"
+        variance = "learned_range" if learned else "fixed_small" if kind.endswith("fixed_small") else "fixed_large"
         pipe = DDPMPipeline(unet=unet, scheduler=DDPMScheduler(variance_type=variance, **options))
-        run = dict(num_inference_steps=4)
+        run = dict(num_inference_steps=3 if strided else 4)
     else:
         pipe = DDIMPipeline(unet=unet, scheduler=DDIMScheduler(**options))
         run = dict(num_inference_steps=2, eta=0.5)
