@@ -19,6 +19,7 @@ import threading
 from contextlib import contextmanager
 
 import torch
+from tqdm.auto import tqdm
 
 # What a run writes into its folder (and --overwrite removes; nothing else is touched).
 RUN_FILES = ("checkpoint.pt", "loss.csv", "loss.png", "samples.png", "samples", "checkpoints", "fid.csv", "tb")
@@ -233,8 +234,6 @@ class StopSignals:
         if self.requested is None:
             self.requested = signum
             if self.announce:
-                from tqdm.auto import tqdm
-
                 tqdm.write(f"\n{signal.Signals(signum).name}: stopping at the end of this step and saving "
                            "(a second signal stops at once without saving)", file=sys.stderr)  # fmt: skip
             if self.phase == "sampling":

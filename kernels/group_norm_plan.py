@@ -163,12 +163,6 @@ def _collapses(x: torch.Tensor) -> bool:
     return True
 
 
-def _add_args(add, x3):
-    if add is None:
-        return x3, 0, 0
-    return add, add.stride(0), add.stride(1)
-
-
 def _hw_stride(x: torch.Tensor) -> int:
     """The stride of x's collapsed spatial dims: that of the innermost one longer than 1."""
     for size, stride in reversed(list(zip(x.shape[2:], x.stride()[2:]))):

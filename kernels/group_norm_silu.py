@@ -62,7 +62,6 @@ from ddpm_fast.kernels._common import (
 from ddpm_fast.kernels.group_norm_plan import (
     MAX_TILE_BWD,
     MAX_TILE_LOOP_BWD,
-    _add_args,
     _as_bchw,
     _bwd_warps,
     _fwd_plan,
@@ -393,6 +392,12 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None, 
             x, add_arg, weight, bias, y, mean, rstd, parts, *plan.ints, eps, *plan.strides, SILU=silu, **plan.meta,
         )  # fmt: skip
     return y, mean, rstd
+
+
+def _add_args(add, x3):
+    if add is None:
+        return x3, 0, 0
+    return add, add.stride(0), add.stride(1)
 
 
 @on_input_device
