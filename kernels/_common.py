@@ -25,9 +25,24 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 
+# The switch is read on every call (a user may set it at any time), so it is read cheaply: from the
+# mapping behind os.environ, which every os.environ write updates, with the key encoded once
+# (os.environ.get encodes the key and decodes the value per call: ~0.7 us, half a small ATen op).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+_MODE_OF = {os.environ.encodevalue(m): m for m in KERNEL_MODES} if _ENV_KEY is not None else {}
+
+
 def get_kernel_mode() -> str:
+    if _ENV_KEY is not None:
+        raw = _ENV_DATA.get(_ENV_KEY)
+        if raw is None:
+            return "auto"
+        mode = _MODE_OF.get(raw)
+        if mode is not None:
+            return mode
     mode = os.environ.get(_ENV)
-    if mode is None or mode in KERNEL_MODES:  # read on every call (a user may set it any time): keep it cheap
+    if mode is None or mode in KERNEL_MODES:
         return mode or "auto"
     mode = mode.strip().lower() or "auto"
     if mode not in KERNEL_MODES:
@@ -180,7 +195,21 @@ def use_triton(device: torch.device) -> bool:
         if mode == "triton":
             raise RuntimeError(f"{_ENV}=triton but triton is not installed")
         return False
-    return mode == "triton" or device.type == "cuda" or (device.type == "cpu" and interpreter_on())
+    if mode == "triton":
+        return True
+    kind = _device_type(device)
+    return kind == "cuda" or (kind == "cpu" and interpreter_on())
+
+
+_DEVICE_TYPES: dict = {}
+
+
+def _device_type(device: torch.device) -> str:
+    """device.type, looked up: the property builds a new string per read (~0.2 us)."""
+    kind = _DEVICE_TYPES.get(device)
+    if kind is None:
+        kind = _DEVICE_TYPES[device] = device.type
+    return kind
 
 
 def path_setting() -> str:
@@ -208,8 +237,8 @@ def tf32_matmul() -> bool:
 def _fp32_precision_getters() -> tuple:
     """The readers of torch.backends.cuda.matmul.fp32_precision and torch.backends.fp32_precision."""
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    if getter is not None:
-        return (lambda: getter("cuda", "matmul")), (lambda: getter("generic", "all"))
+    if getter is not None:  # partials: called in C, no Python frame per read
+        return functools.partial(getter, "cuda", "matmul"), functools.partial(getter, "generic", "all")
     owners = (torch.backends.cuda.matmul, torch.backends)
     return tuple((lambda o=owner: getattr(o, "fp32_precision", None)) for owner in owners)
 
@@ -222,7 +251,8 @@ def launch_device(device: torch.device):
     """A context in which Triton launches on `device`: Triton launches on the current CUDA device
     (and its current stream), so a tensor on another GPU makes its device current first; nothing
     to do where it already is current, or off CUDA."""
-    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+    index = device.index  # None off CUDA (and for the current CUDA device): read first, it is cheap
+    if index is not None and _device_type(device) == "cuda" and index != torch.cuda.current_device():
         return torch.cuda.device(device)
     return _NO_SWITCH
 
@@ -244,7 +274,12 @@ def on_input_device(launcher):
 
 # -- the host path: what a call costs before its kernel launches ------------------------------------
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+# bound once: each is read on every call, and a module attribute costs a lookup per level
+_is_compiling = torch.compiler.is_compiling
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_transforms_active = torch._C._are_functorch_transforms_active
+_grad_enabled = torch.is_grad_enabled
 
 
 def direct_call(*tensors) -> bool:
@@ -253,15 +288,29 @@ def direct_call(*tensors) -> bool:
     with no gradient wanted from the call. Where torch.compile traces, a dispatch mode is active
     (FakeTensorMode, ddpm_fast.tools.aot's recorder), a functorch transform runs, a tensor is a
     subclass, or autograd needs the op's formula, the custom op runs: the same launcher either way."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack():
+    if _is_compiling() or _dispatch_modes() or _transforms_active():
         return False
-    if torch._C._are_functorch_transforms_active():
+    if _grad_enabled():
+        for t in tensors:
+            if t is not None and (type(t) not in _PLAIN or t.requires_grad):
+                return False
+        return True
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN:
+            return False
+    return True
+
+
+def direct_launch(*tensors) -> bool:
+    """direct_call(*tensors) and use_triton(tensors[0].device) in one (one call on the hot path): the
+    public calls' test for running their launcher themselves."""
+    if _is_compiling() or _dispatch_modes() or _transforms_active():
         return False
-    grad = torch.is_grad_enabled()
+    grad = _grad_enabled()
     for t in tensors:
         if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
             return False
-    return True
+    return use_triton(tensors[0].device)
 
 
 def meta_key(x: torch.Tensor | None) -> tuple | None:
@@ -288,9 +337,17 @@ class Plans:
     def get(self, key, build):
         plan = self._plans.get(key)
         if plan is None:
-            if len(self._plans) >= self.MAX:
-                self._plans.clear()
-            plan = self._plans[key] = build()
+            plan = self.add(key, build())
+        return plan
+
+    def find(self, key):
+        """The entry for key, or None (a hot caller builds on a miss itself: no closure per call)."""
+        return self._plans.get(key)
+
+    def add(self, key, plan):
+        if len(self._plans) >= self.MAX:
+            self._plans.clear()
+        self._plans[key] = plan
         return plan
 
 

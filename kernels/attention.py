@@ -53,7 +53,16 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import Plans, cdiv, direct_call, interpreter_on, meta_key, on_input_device, use_triton
+from ddpm_fast.kernels import _common
+from ddpm_fast.kernels._common import (
+    Plans,
+    cdiv,
+    direct_launch,
+    interpreter_on,
+    meta_key,
+    on_input_device,
+    use_triton,
+)
 from ddpm_fast.kernels.attention_plan import (
     DKDV_CONFIGS,
     DQ_CONFIGS,
@@ -341,7 +350,6 @@ def _launch(fixed_fn, tuned_fn, table, dtype, block_d, programs, args, meta):
 # -- launchers ----------------------------------------------------------------------------------------
 
 
-@on_input_device
 def attention_fwd(q, k, v, scale, plan=None, lse=None):
     """(o, lse); `plan`: the call's _FwdPlan where the caller has it; `lse`: a buffer to write the
     log-sum-exp to (a caller that runs no backward passes scratch it keeps)."""
@@ -355,11 +363,12 @@ def attention_fwd(q, k, v, scale, plan=None, lse=None):
     if plan.empty:
         return o, lse
     meta, grid = plan.launch(_precision(q.dtype))
-    if interpreter_on():  # the interpreter's one tile, looked up here: plans are shared with GPU launches
-        cfg = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv), meta["R_CHUNK"] > 0)
-        _attn_fwd[grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta, **cfg)
-    else:
-        _attn_fwd_tuned[grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta)
+    with _common.launch_device(q.device):  # the tensors' GPU current (multi-GPU)
+        if interpreter_on():  # the interpreter's one tile, looked up here: plans are shared with GPU launches
+            cfg = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv), meta["R_CHUNK"] > 0)
+            _attn_fwd[grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta, **cfg)
+        else:
+            _attn_fwd_tuned[grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, **meta)
     return o, lse
 
 
@@ -469,7 +478,9 @@ _CALLS = Plans()
 def attention(q, k, v, scale=None):
     """Fused twin of ddpm_fast.reference.attention (same signature, same result)."""
     key = (meta_key(q), meta_key(k), meta_key(v), type(scale), scale)
-    call = _CALLS.get(key, lambda: _Call(q, k, v, scale))  # checks on a miss only
-    if direct_call(q, k, v) and use_triton(q.device):  # eager, no gradient: the launcher itself
-        return attention_fwd(q, k, v, call.scale, plan=call.plan, lse=call.lse)[0]
+    call = _CALLS.find(key)
+    if call is None:  # checks on a miss only
+        call = _CALLS.add(key, _Call(q, k, v, scale))
+    if direct_launch(q, k, v):  # eager, no gradient: the launcher itself
+        return attention_fwd(q, k, v, call.scale, call.plan, call.lse)[0]
     return attention_op(q, k, v, call.scale)[0]

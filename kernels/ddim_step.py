@@ -30,19 +30,18 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
+from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import (
     Plans,
-    direct_call,
+    direct_launch,
     elementwise_out,
     interpreter_on,
     meta_key,
-    on_input_device,
     use_triton,
 )
 from ddpm_fast.kernels._elementwise import clamped_index, sample_block
 from ddpm_fast.kernels.posterior_step import (
     _PREDICTION,
-    _buffers_key,
     _Call,
     _clip,
     _eager_noise,
@@ -91,7 +90,6 @@ def _ddim_step_kernel(
     tl.store(Y_ptr + b * N + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
-@on_input_device
 def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type, clip_denoised,
                   use_clipped_model_output, plan=None):  # fmt: skip
     plan = plan or _plan(x_t, model_output, noise)
@@ -99,13 +97,14 @@ def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta
     if plan.empty:
         return y
     x2, o2, z2, _ = plan.rows(x_t, model_output, noise)
-    _ddim_step_kernel[plan.grid](
-        x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, t_prev, alphas_cumprod, y,
-        float(eta), plan.N, plan.blocks_per_row, alphas_cumprod.shape[0], *plan.strides, t.stride(0), t_prev.stride(0),
-        PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), CLIPPED_EPS=bool(use_clipped_model_output),
-        STOCHASTIC=noise is not None or seed is not None, HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(),
-        BLOCK=plan.block, num_warps=4,
-    )  # fmt: skip
+    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+        _ddim_step_kernel[plan.grid](
+            x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, t_prev, alphas_cumprod, y,
+            float(eta), plan.N, plan.blocks_per_row, alphas_cumprod.shape[0], *plan.strides, t.stride(0),
+            t_prev.stride(0), PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised),
+            CLIPPED_EPS=bool(use_clipped_model_output), STOCHASTIC=noise is not None or seed is not None,
+            HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(), BLOCK=plan.block, num_warps=4,
+        )  # fmt: skip
     return y
 
 
@@ -171,22 +170,25 @@ def ddim_step(
         return reference.ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
                                    clip_denoised, generator, use_clipped_model_output, noise_source,
                                    check_t)  # fmt: skip
-
-    def check():
+    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(t_prev), meta_key(noise),
+           id(alphas_cumprod), type(eta), eta, prediction_type, noise_source)  # fmt: skip
+    call = _CALLS.find(key)
+    if call is None:  # checks on a miss only (the key names the buffer by identity: the call holds it)
         checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, False)
         checks.check_noise_source(noise_source)
-
-    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(t_prev), meta_key(noise),
-           _buffers_key((alphas_cumprod,)), type(eta), eta, prediction_type, noise_source)  # fmt: skip
-    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, (alphas_cumprod,)))
+        call = _CALLS.add(key, _Call(x_t, model_output, noise, (alphas_cumprod,)))
     if check_t:  # the value checks: one host sync
         checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, True)
     given = noise
-    noise, seed = _noise_or_seed(x_t, noise, generator, noise_source) if eta > 0 else (None, None)
-    (abar,) = call.buffers()
-    if direct_call(x_t, model_output, t, t_prev, noise) and use_triton(x_t.device):
-        plan = call.plan_for(x_t, model_output, given, noise)
+    seed = None
+    if eta > 0 and noise is None:
+        noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
+    elif eta <= 0:
+        noise = None
+    (abar,) = call.ready or call.buffers()
+    if direct_launch(x_t, model_output, t, t_prev, noise):
+        plan = call.plan if given is not None or noise is None else call.plan_for(x_t, model_output, given, noise)
         return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
-                             bool(clip_denoised), bool(use_clipped_model_output), plan=plan)  # fmt: skip
+                             bool(clip_denoised), bool(use_clipped_model_output), plan)  # fmt: skip
     return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
                         bool(clip_denoised), bool(use_clipped_model_output))  # fmt: skip

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
-from ddpm_fast.kernels._common import Plans, direct_call, elementwise_out, meta_key, on_input_device, use_triton
+from ddpm_fast.kernels import _common
+from ddpm_fast.kernels._common import Plans, direct_launch, elementwise_out, meta_key, use_triton
 from ddpm_fast.kernels._elementwise import clamped_index, sample_block
 from ddpm_fast.kernels.posterior_step import _clip, _plan, _wants_grad
 
@@ -59,7 +60,6 @@ def _dpm_solver_step_kernel(
     tl.store(X0_ptr + b * N + cols, x0, mask=mask)
 
 
-@on_input_device
 def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised, plan=None):
     plan = plan or _plan(x_t, model_output, x0_prev)
     y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
@@ -67,11 +67,12 @@ def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_den
     if plan.empty:
         return y, x0
     x2, o2, p2, _ = plan.rows(x_t, model_output, x0_prev)
-    _dpm_solver_step_kernel[plan.grid](
-        x2, o2, p2 if x0_prev is not None else x2, step, coefficients, y, x0,
-        plan.N, plan.blocks_per_row, coefficients.shape[0], *plan.strides, step.stride(0),
-        HAS_PREV=x0_prev is not None, CLIP=bool(clip_denoised), BLOCK=plan.block, num_warps=4,
-    )  # fmt: skip
+    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+        _dpm_solver_step_kernel[plan.grid](
+            x2, o2, p2 if x0_prev is not None else x2, step, coefficients, y, x0,
+            plan.N, plan.blocks_per_row, coefficients.shape[0], *plan.strides, step.stride(0),
+            HAS_PREV=x0_prev is not None, CLIP=bool(clip_denoised), BLOCK=plan.block, num_warps=4,
+        )  # fmt: skip
     return y, x0
 
 
@@ -107,14 +108,16 @@ _CALLS = Plans()
 
 def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
     """Fused twin of ddpm_fast.reference.dpm_solver_step (same signature)."""
-    if _wants_grad(*(x for x in (x_t, model_output, x0_prev) if x is not None)):
+    if _wants_grad(x_t, model_output, x0_prev):
         return reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, check_step)
     key = (meta_key(x_t), meta_key(model_output), meta_key(x0_prev), meta_key(step), meta_key(coefficients))
-    call = _CALLS.get(key, lambda: _Call(x_t, model_output, x0_prev, step, coefficients))  # checks on a miss only
+    call = _CALLS.find(key)
+    if call is None:  # checks on a miss only
+        call = _CALLS.add(key, _Call(x_t, model_output, x0_prev, step, coefficients))
     if check_step:  # the value check: one host sync
         checks.check_timesteps("step", step, x_t.shape[0], coefficients.shape[0], x_t.device)
     if not call.ready:
         coefficients = coefficients.float().contiguous()
-    if direct_call(x_t, model_output, x0_prev, step) and use_triton(x_t.device):
-        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised), plan=call.plan)
+    if direct_launch(x_t, model_output, x0_prev, step):
+        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised), call.plan)
     return dpm_solver_step_op(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised))

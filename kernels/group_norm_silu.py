@@ -49,10 +49,11 @@ import triton
 import triton.language as tl
 
 from ddpm_fast import checks, reference
+from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import (
     Plans,
     cdiv,
-    direct_call,
+    direct_launch,
     meta_key,
     next_power_of_2,
     on_input_device,
@@ -364,7 +365,6 @@ def _gn_param_grad_kernel(
 # -- launchers --------------------------------------------------------------------------------------
 
 
-@on_input_device
 def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None, plan=None, stats=None):
     """y, mean, rstd. `split` overrides the plan (0: one kernel; k: statistics over k chunks);
     `plan`: the call's _FwdPlan where the caller has it; `stats`: (mean, rstd) buffers to write
@@ -381,16 +381,17 @@ def group_norm_act_fwd(x, num_groups, weight, bias, eps, add, silu, split=None, 
     if plan.copy_x:
         x = _as_bchw(x)
     add_arg = add if add is not None else x
-    if plan.split == 0:
-        _gn_silu_fwd_fused_kernel[plan.grid](
-            x, add_arg, weight, bias, y, mean, rstd, *plan.ints, eps, *plan.strides, **plan.meta[silu],
-        )  # fmt: skip
-    else:
-        parts = torch.empty(plan.parts, dtype=torch.float32, device=x.device)
-        _gn_stats_kernel[plan.grid](x, add_arg, parts, *plan.ints, *plan.stats_strides, **plan.stats_meta)
-        _gn_silu_apply_kernel[plan.grid](
-            x, add_arg, weight, bias, y, mean, rstd, parts, *plan.ints, eps, *plan.strides, SILU=silu, **plan.meta,
-        )  # fmt: skip
+    with _common.launch_device(x.device):  # the tensors' GPU current (multi-GPU)
+        if plan.split == 0:
+            _gn_silu_fwd_fused_kernel[plan.grid](
+                x, add_arg, weight, bias, y, mean, rstd, *plan.ints, eps, *plan.strides, **plan.meta[silu],
+            )  # fmt: skip
+        else:
+            parts = torch.empty(plan.parts, dtype=torch.float32, device=x.device)
+            _gn_stats_kernel[plan.grid](x, add_arg, parts, *plan.ints, *plan.stats_strides, **plan.stats_meta)
+            _gn_silu_apply_kernel[plan.grid](
+                x, add_arg, weight, bias, y, mean, rstd, parts, *plan.ints, eps, *plan.strides, SILU=silu, **plan.meta,
+            )  # fmt: skip
     return y, mean, rstd
 
 
@@ -523,11 +524,13 @@ _CALLS = Plans()
 
 def _group_norm(x, num_groups, weight, bias, eps, add, silu):
     key = (meta_key(x), meta_key(add), meta_key(weight), meta_key(bias), type(num_groups), num_groups, type(eps), eps)
-    call = _CALLS.get(key, lambda: _Call(x, num_groups, weight, bias, add, eps))  # checks on a miss only
+    call = _CALLS.find(key)
+    if call is None:  # checks on a miss only
+        call = _CALLS.add(key, _Call(x, num_groups, weight, bias, add, eps))
     w = weight if weight is not None else call.weight
     b = bias if bias is not None else call.bias
-    if direct_call(x, w, b, add) and use_triton(x.device):  # eager, no gradient: the launcher itself
-        return group_norm_act_fwd(x, num_groups, w, b, float(eps), add, silu, plan=call.plan, stats=call.stats)[0]
+    if direct_launch(x, w, b, add):  # eager, no gradient: the launcher itself
+        return group_norm_act_fwd(x, num_groups, w, b, float(eps), add, silu, None, call.plan, call.stats)[0]
     return group_norm_act_op(x, num_groups, w, b, float(eps), add, silu)[0]
 
 

@@ -42,16 +42,16 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from ddpm_fast import checks, reference
+from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import (
     Plans,
     as_rows,
     cdiv,
-    direct_call,
+    direct_launch,
     elementwise_block,
     elementwise_out,
     interpreter_on,
     meta_key,
-    on_input_device,
     use_triton,
 )
 from ddpm_fast.kernels._elementwise import clamped_index, sample_block
@@ -164,10 +164,15 @@ class _StepPlan:
         self.N, self.block = N, elementwise_block(N)
         self.blocks_per_row = cdiv(N, self.block)
         self.grid = (B * self.blocks_per_row,)
+        self.ints = (N, self.blocks_per_row)
         self.strides, self.extra_strides = tuple(strides[:6]), tuple(strides[6:])  # (x_t, out, noise); extra
+        self.all_strides = self.strides + self.extra_strides
+        self.copies = any(self.copy)
 
     def rows(self, x_t, model_output, noise, extra=None):
         """The tensors as the kernel reads them: themselves, or (B, N) copies."""
+        if not self.copies:
+            return x_t, model_output, noise, extra
         out = []
         for x, copy in zip((x_t, model_output, noise, extra), self.copy):
             out.append(as_rows(x, self.order) if copy and x is not None else x)
@@ -182,23 +187,41 @@ def _plan(x_t, model_output, noise, extra=None) -> _StepPlan:
     return _PLANS.get(key, lambda: _StepPlan(x_t, model_output, noise, extra))
 
 
-@on_input_device
 def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan=None,
                        model_variance=None, max_log_variance=None):  # fmt: skip
     plan = plan or _plan(x_t, model_output, noise, model_variance)
     y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
         return y
-    x2, o2, z2, v2 = plan.rows(x_t, model_output, noise, model_variance)
+    x2, o2, z2, v2 = (
+        plan.rows(x_t, model_output, noise, model_variance)
+        if plan.copies
+        else (x_t, model_output, noise, model_variance)
+    )
     learned = model_variance is not None
-    _posterior_step_kernel[plan.grid](
-        x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, *buffers, y,
-        v2 if learned else x2, max_log_variance if learned else buffers[4],
-        plan.N, plan.blocks_per_row, buffers[0].shape[0], *plan.strides, *plan.extra_strides, t.stride(0),
-        PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=noise is not None,
-        FAST_TRIG=not interpreter_on(), LEARNED=learned, BLOCK=plan.block, num_warps=4,
-    )  # fmt: skip
+    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+        _posterior_step_kernel[plan.grid](
+            x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, *buffers, y,
+            v2 if learned else x2, max_log_variance if learned else buffers[4],
+            *plan.ints, buffers[0].shape[0], *plan.all_strides, t.stride(0),
+            **_meta(prediction_type, clip_denoised, noise is not None, learned, plan.block),
+        )  # fmt: skip
     return y
+
+
+_METAS: dict = {}
+
+
+def _meta(prediction_type, clip_denoised, has_noise, learned, block) -> dict:
+    """The launch's constexprs, one dict per combination (built once: the kwargs of every launch)."""
+    key = (prediction_type, clip_denoised, has_noise, learned, block)
+    meta = _METAS.get(key)
+    if meta is None:
+        meta = _METAS[key] = dict(
+            PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
+            FAST_TRIG=not interpreter_on(), LEARNED=learned, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return meta
 
 
 # -- the custom op: its path and fake (meta) kernel -----------------------------------------------
@@ -243,7 +266,10 @@ def _(x_t, model_output, t, noise, seed, *buffers_and_options):
 
 
 def _wants_grad(*tensors) -> bool:
-    return torch.is_grad_enabled() and any(x.requires_grad for x in tensors)
+    """Whether autograd wants a gradient from a call on these tensors (None for an absent one)."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(x is not None and x.requires_grad for x in tensors)
 
 
 def _noise_or_seed(x_t, noise, generator, noise_source):
@@ -265,8 +291,7 @@ class _Call:
     DDPM's own) are passed as they are, others converted per call, so an in-place change to
     either is always seen."""
 
-    def __init__(self, check, x_t, model_output, noise, buffers, extra=None):
-        check()
+    def __init__(self, x_t, model_output, noise, buffers, extra=None):
         self.plan = _plan(x_t, model_output, noise, extra)
         self.drawn = None  # the plan with the noise a call without one draws (always laid out alike)
         self.held = buffers
@@ -313,30 +338,40 @@ def posterior_step(
     """Fused twin of ddpm_fast.reference.posterior_step (same signature)."""
     buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
                posterior_log_variance)  # fmt: skip
-    learned = dict(model_variance=model_variance, max_log_variance=max_log_variance)
-    if _wants_grad(x_t, model_output, *(v for v in (model_variance,) if v is not None)):
+    if _wants_grad(x_t, model_output, model_variance):
         return reference.posterior_step(x_t, model_output, t, noise, *buffers, prediction_type, clip_denoised,
-                                        generator, noise_source, check_t, **learned)  # fmt: skip
-
-    def check():
+                                        generator, noise_source, check_t, model_variance=model_variance,
+                                        max_log_variance=max_log_variance)  # fmt: skip
+    # the key names each schedule buffer by identity (the call holds them: see _Call)
+    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), id(sqrt_recip_alphas_cumprod),
+           id(sqrt_recipm1_alphas_cumprod), id(posterior_mean_coef1), id(posterior_mean_coef2),
+           id(posterior_log_variance), id(max_log_variance), prediction_type, noise_source,
+           meta_key(model_variance))  # fmt: skip
+    call = _CALLS.find(key)
+    if call is None:  # checks on a miss only
         checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=False)
         checks.check_learned_variance(x_t, model_variance, max_log_variance, posterior_log_variance)
         checks.check_noise_source(noise_source)
-
-    all_buffers = buffers if max_log_variance is None else (*buffers, max_log_variance)
-    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), _buffers_key(all_buffers),
-           prediction_type, noise_source, meta_key(model_variance))  # fmt: skip
-    call = _CALLS.get(key, lambda: _Call(check, x_t, model_output, noise, all_buffers, model_variance))
+        held = buffers if max_log_variance is None else (*buffers, max_log_variance)
+        call = _CALLS.add(key, _Call(x_t, model_output, noise, held, model_variance))
     if check_t:  # the value check: one host sync
         checks.check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
     given = noise
-    noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
-    step_buffers = call.buffers()
-    variance = {} if model_variance is None else dict(model_variance=model_variance, max_log_variance=step_buffers[5])
-    step_buffers = step_buffers[:5]
-    if direct_call(x_t, model_output, t, noise, model_variance) and use_triton(x_t.device):
+    seed = None
+    if noise is None:
+        noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
+    step_buffers = call.ready or call.buffers()
+    if model_variance is None:
+        if direct_launch(x_t, model_output, t, noise):
+            plan = call.plan if given is not None or noise is None else call.plan_for(x_t, model_output, given, noise)
+            return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
+                                      bool(clip_denoised), plan)  # fmt: skip
+        return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type,
+                                 bool(clip_denoised))  # fmt: skip
+    variance = dict(model_variance=model_variance, max_log_variance=step_buffers[5])
+    if direct_launch(x_t, model_output, t, noise, model_variance):
         plan = call.plan_for(x_t, model_output, given, noise, model_variance)
-        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers[:5], prediction_type,
                                   bool(clip_denoised), plan=plan, **variance)  # fmt: skip
-    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type, bool(clip_denoised),
-                             **variance)  # fmt: skip
+    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers[:5], prediction_type,
+                             bool(clip_denoised), **variance)  # fmt: skip

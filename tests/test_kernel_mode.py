@@ -1,6 +1,7 @@
 """The path switch shared by every fused op: DDPM_FAST_KERNELS=auto|eager|triton."""
 
 import importlib
+import os
 
 import pytest
 import torch
@@ -124,3 +125,19 @@ def test_the_faster_interpreter_patches_once_per_launch_and_restores_triton_lang
     assert tl.load is load and tl.sigmoid is sigmoid
     assert 0 < calls.count("load") <= 2  # the launch's patch (and triton.language.core's, once)
     torch.testing.assert_close(y, torch.nn.functional.silu(torch.nn.functional.group_norm(x, 2)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_switch_is_read_at_every_call_in_any_spelling(monkeypatch):
+    """get_kernel_mode reads os.environ's own mapping (the cheap read of the host path): a write to
+    os.environ, however it is made, is seen by the next call; spaces and case as before; unset is auto."""
+    monkeypatch.delenv("DDPM_FAST_KERNELS", raising=False)
+    assert kernels.get_kernel_mode() == "auto"
+    os.environ["DDPM_FAST_KERNELS"] = "eager"
+    assert kernels.get_kernel_mode() == "eager"
+    monkeypatch.setenv("DDPM_FAST_KERNELS", " Triton ")
+    assert kernels.get_kernel_mode() == "triton"
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "")
+    assert kernels.get_kernel_mode() == "auto"
+    monkeypatch.delenv("DDPM_FAST_KERNELS")
+    assert kernels.get_kernel_mode() == "auto"
+    assert kernels.use_triton(torch.device("cpu")) == common.INTERPRET
