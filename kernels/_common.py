@@ -282,28 +282,14 @@ _transforms_active = torch._C._are_functorch_transforms_active
 _grad_enabled = torch.is_grad_enabled
 
 
-def direct_call(*tensors) -> bool:
-    """Whether a fused op may call its launcher itself instead of going through its torch.library
-    custom op, whose dispatch alone costs ~6 small ATen ops on the host: in plain eager execution,
-    with no gradient wanted from the call. Where torch.compile traces, a dispatch mode is active
-    (FakeTensorMode, ddpm_fast.tools.aot's recorder), a functorch transform runs, a tensor is a
-    subclass, or autograd needs the op's formula, the custom op runs: the same launcher either way."""
-    if _is_compiling() or _dispatch_modes() or _transforms_active():
-        return False
-    if _grad_enabled():
-        for t in tensors:
-            if t is not None and (type(t) not in _PLAIN or t.requires_grad):
-                return False
-        return True
-    for t in tensors:
-        if t is not None and type(t) not in _PLAIN:
-            return False
-    return True
-
-
 def direct_launch(*tensors) -> bool:
-    """direct_call(*tensors) and use_triton(tensors[0].device) in one (one call on the hot path): the
-    public calls' test for running their launcher themselves."""
+    """Whether a fused op may call its launcher itself instead of going through its torch.library
+    custom op, whose dispatch alone costs ~6 small ATen ops on the host: the Triton path is on for
+    the first tensor's device (use_triton), in plain eager execution, with no gradient wanted from
+    the call. Where torch.compile traces, a dispatch mode is active (FakeTensorMode,
+    ddpm_fast.tools.aot's recorder), a functorch transform runs, a tensor is a subclass, or autograd
+    needs the op's formula, the custom op runs: the same launcher either way. None stands for an
+    absent optional tensor."""
     if _is_compiling() or _dispatch_modes() or _transforms_active():
         return False
     grad = _grad_enabled()

@@ -313,10 +313,6 @@ class _Call:
 _CALLS = Plans()
 
 
-def _buffers_key(buffers) -> tuple:
-    return tuple(map(id, buffers))
-
-
 def posterior_step(
     x_t,
     model_output,
