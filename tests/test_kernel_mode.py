@@ -1,7 +1,6 @@
 """The path switch shared by every fused op: DDPM_FAST_KERNELS=auto|eager|triton."""
 
 import importlib
-import os
 
 import pytest
 import torch
@@ -129,10 +128,11 @@ def test_the_faster_interpreter_patches_once_per_launch_and_restores_triton_lang
 
 def test_the_switch_is_read_at_every_call_in_any_spelling(monkeypatch):
     """get_kernel_mode reads os.environ's own mapping (the cheap read of the host path): a write to
-    os.environ, however it is made, is seen by the next call; spaces and case as before; unset is auto."""
-    monkeypatch.delenv("DDPM_FAST_KERNELS", raising=False)
+    os.environ is seen by the next call; spaces and case as before; unset is auto."""
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "auto")  # recorded first, so the test leaves the variable as it was
+    monkeypatch.delenv("DDPM_FAST_KERNELS")
     assert kernels.get_kernel_mode() == "auto"
-    os.environ["DDPM_FAST_KERNELS"] = "eager"
+    monkeypatch.setenv("DDPM_FAST_KERNELS", "eager")
     assert kernels.get_kernel_mode() == "eager"
     monkeypatch.setenv("DDPM_FAST_KERNELS", " Triton ")
     assert kernels.get_kernel_mode() == "triton"
