@@ -185,9 +185,9 @@ def ddim_step(
         noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
     elif eta <= 0:
         noise = None
-    (abar,) = call.ready or call.buffers()
+    (abar,) = call.buffers()
     if direct_launch(x_t, model_output, t, t_prev, noise):
-        plan = call.plan if given is not None or noise is None else call.plan_for(x_t, model_output, given, noise)
+        plan = call.plan_for(x_t, model_output, given, noise)
         return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
                              bool(clip_denoised), bool(use_clipped_model_output), plan)  # fmt: skip
     return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,

@@ -193,11 +193,7 @@ def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_ty
     y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
         return y
-    x2, o2, z2, v2 = (
-        plan.rows(x_t, model_output, noise, model_variance)
-        if plan.copies
-        else (x_t, model_output, noise, model_variance)
-    )
+    x2, o2, z2, v2 = plan.rows(x_t, model_output, noise, model_variance)
     learned = model_variance is not None
     with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
         _posterior_step_kernel[plan.grid](
@@ -356,18 +352,12 @@ def posterior_step(
     seed = None
     if noise is None:
         noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
-    step_buffers = call.ready or call.buffers()
-    if model_variance is None:
-        if direct_launch(x_t, model_output, t, noise):
-            plan = call.plan if given is not None or noise is None else call.plan_for(x_t, model_output, given, noise)
-            return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
-                                      bool(clip_denoised), plan)  # fmt: skip
-        return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type,
-                                 bool(clip_denoised))  # fmt: skip
-    variance = dict(model_variance=model_variance, max_log_variance=step_buffers[5])
+    step_buffers = call.buffers()
+    variance = {} if model_variance is None else dict(model_variance=model_variance, max_log_variance=step_buffers[5])
+    step_buffers = step_buffers[:5]
     if direct_launch(x_t, model_output, t, noise, model_variance):
         plan = call.plan_for(x_t, model_output, given, noise, model_variance)
-        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers[:5], prediction_type,
-                                  bool(clip_denoised), plan=plan, **variance)  # fmt: skip
-    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers[:5], prediction_type,
-                             bool(clip_denoised), **variance)  # fmt: skip
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
+                                  bool(clip_denoised), plan, **variance)  # fmt: skip
+    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type, bool(clip_denoised),
+                             **variance)  # fmt: skip
