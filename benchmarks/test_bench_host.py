@@ -49,11 +49,18 @@ def stubbed_launches():
         KernelInterface.__getitem__ = real
 
 
-def _us(fn, number=2000) -> float:
-    """Best of 5 timings of `number` calls, in microseconds per call."""
+def _us(*fns, number=500, rounds=40) -> list[float]:
+    """Microseconds per call of each fn: the best of `rounds` timings of `number` calls, the fns
+    timed in turn within each round, so that a burst of noise on a shared machine falls on all of
+    them alike and their ratios hold (separate runs of ~10 s each drifted by 0.3x)."""
     for _ in range(100):
-        fn()
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+        for fn in fns:
+            fn()
+    best = [float("inf")] * len(fns)
+    for _ in range(rounds):
+        for i, fn in enumerate(fns):
+            best[i] = min(best[i], timeit.timeit(fn, number=number))
+    return [b / number * 1e6 for b in best]
 
 
 def _cases():
@@ -115,10 +122,8 @@ def test_host_cost_per_call(benchmark, op):
         direct, custom_op, with_grad = _cases()[op]
         with torch.no_grad():
             benchmark.pedantic(direct, rounds=200, iterations=50, warmup_rounds=10)
-            add_us = _us(lambda: torch.add(a, a))
-            direct_us = _us(direct)
-            op_us = _us(custom_op)
-        grad_us = _us(with_grad, number=500) if with_grad is not None else None
+            add_us, direct_us, op_us = _us(lambda: torch.add(a, a), direct, custom_op)
+        grad_us = _us(with_grad, lambda: torch.add(a, a), number=200, rounds=20) if with_grad is not None else None
     info = benchmark.extra_info
     info["torch.add (4 elements) us"] = round(add_us, 2)
     info["us per call"] = round(direct_us, 2)
@@ -126,8 +131,9 @@ def test_host_cost_per_call(benchmark, op):
     info["custom op path us"] = round(op_us, 2)
     info["custom op path x torch.add"] = round(op_us / add_us, 1)
     if grad_us is not None:
+        grad_us, grad_add_us = grad_us
         info["with grad (training) us"] = round(grad_us, 2)
-        info["with grad x torch.add"] = round(grad_us / add_us, 1)
+        info["with grad x torch.add"] = round(grad_us / grad_add_us, 1)
     info["torch"], info["device"] = torch.__version__, "cpu (host path)"
 
 

@@ -219,31 +219,39 @@ def path_setting() -> str:
 
 def tf32_matmul() -> bool:
     """Whether torch lets float32 CUDA matmuls run in TF32, read as torch itself resolves it: the
-    `fp32_precision` API (torch.backends.cuda.matmul's, else torch.backends' own; "none" means
-    not set there), then the legacy flag torch.backends.cuda.matmul.allow_tf32, which raises
-    when read after a user set the new API (so it is read only where the new one is unset).
-    Read per call (a user may change it at any time) straight from torch._C, where the Python
-    properties cost ~2 small ATen ops each."""
-    for owner in _FP32_PRECISION:
-        precision = owner()
-        if precision not in (None, "none"):
-            return precision == "tf32"
+    `fp32_precision` API ("none" means not set), then the legacy flag
+    torch.backends.cuda.matmul.allow_tf32, which raises when read after a user set the new API
+    (so it is read only where the new one is unset). Read per call (a user may change it at any
+    time) straight from torch._C, where the Python properties cost ~2 small ATen ops each."""
+    precision = _FP32_PRECISION()
+    if precision not in (None, "none"):
+        return precision == "tf32"
     try:
         return bool(_LEGACY_TF32())
     except RuntimeError:  # the legacy and the new API both used: torch refuses to say
         return False
 
 
-def _fp32_precision_getters() -> tuple:
-    """The readers of torch.backends.cuda.matmul.fp32_precision and torch.backends.fp32_precision."""
+def _fp32_precision_getter():
+    """The reader of torch.backends.cuda.matmul.fp32_precision as torch resolves it: torch's own
+    getter falls back from the matmul setting to torch.backends.cuda's and then to
+    torch.backends.fp32_precision (checked on torch 2.11 and 2.14: `torch.backends.fp32_precision
+    = "tf32"` alone reads "tf32" here), so one read answers for all three."""
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
-    if getter is not None:  # partials: called in C, no Python frame per read
-        return functools.partial(getter, "cuda", "matmul"), functools.partial(getter, "generic", "all")
-    owners = (torch.backends.cuda.matmul, torch.backends)
-    return tuple((lambda o=owner: getattr(o, "fp32_precision", None)) for owner in owners)
+    if getter is not None:  # a partial: called in C, no Python frame per read
+        return functools.partial(getter, "cuda", "matmul")
+
+    def read():  # pragma: no cover (a torch without the C getter: its Python properties, in order)
+        for owner in (torch.backends.cuda.matmul, torch.backends):
+            precision = getattr(owner, "fp32_precision", None)
+            if precision not in (None, "none"):
+                return precision
+        return None
+
+    return read
 
 
-_FP32_PRECISION = _fp32_precision_getters()
+_FP32_PRECISION = _fp32_precision_getter()
 _LEGACY_TF32 = getattr(torch._C, "_get_cublas_allow_tf32", lambda: torch.backends.cuda.matmul.allow_tf32)
 
 
@@ -275,6 +283,7 @@ def on_input_device(launcher):
 # -- the host path: what a call costs before its kernel launches ------------------------------------
 
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
+_PLAIN_OR_NONE = _PLAIN | {type(None)}
 # bound once: each is read on every call, and a module attribute costs a lookup per level
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -292,10 +301,14 @@ def direct_launch(*tensors) -> bool:
     absent optional tensor."""
     if _is_compiling() or _dispatch_modes() or _transforms_active():
         return False
-    grad = _grad_enabled()
-    for t in tensors:
-        if t is not None and (type(t) not in _PLAIN or (grad and t.requires_grad)):
-            return False
+    if _grad_enabled():
+        for t in tensors:
+            if t is not None and (type(t) not in _PLAIN or t.requires_grad):
+                return False
+    else:  # (the common case, sampling: one set lookup per tensor)
+        for t in tensors:
+            if type(t) not in _PLAIN_OR_NONE:
+                return False
     return use_triton(tensors[0].device)
 
 
@@ -315,6 +328,9 @@ class Plans:
 
     def __init__(self):
         self._plans: dict = {}
+        # find(key): the entry for key, or None (a hot caller builds on a miss itself: no closure
+        # per call); the dict's own bound get, so a lookup costs no Python frame
+        self.find = self._plans.get
         _ALL_PLANS.append(self)
 
     def clear(self) -> None:
@@ -325,10 +341,6 @@ class Plans:
         if plan is None:
             plan = self.add(key, build())
         return plan
-
-    def find(self, key):
-        """The entry for key, or None (a hot caller builds on a miss itself: no closure per call)."""
-        return self._plans.get(key)
 
     def add(self, key, plan):
         if len(self._plans) >= self.MAX:

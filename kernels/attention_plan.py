@@ -13,6 +13,7 @@ per-shape plan of a forward call (ddpm_fast.kernels.attention holds the kernels,
 import torch
 import triton
 
+from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import Plans, cdiv, interpreter_on, meta_key, next_power_of_2, tf32_matmul
 
 # -- configurations: a short list per (dtype class, head dim, GPU generation), autotuned on a GPU ------
@@ -139,8 +140,9 @@ def _configs(tables) -> list:
 
 def _pruner(tables, kernel):
     def prune(configs, named_args, **kwargs):
-        block = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-        key = (_arch(), *_table_key(named_args["Q_ptr"].dtype, block, kwargs["R_CHUNK"] > 0))
+        named = {**named_args, **kwargs}  # the constexprs come by position (the forward) or by keyword
+        block = max(named["BLOCK_D"], named["BLOCK_DV"])
+        key = (_arch(), *_table_key(named["Q_ptr"].dtype, block, named["R_CHUNK"] > 0))
         return spill_free(kernel, [c for c in configs if c.table == key], named_args, kwargs)
 
     return prune
@@ -214,8 +216,8 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
     rest of the kernel (the chunked kernels included); 3xTF32's arithmetic itself is checked on a CPU by an
     eager emulation (tests/test_attention.py) and on a GPU by `ddpm-fast check`."""
     if dtype != torch.float32:
-        return dtype == torch.bfloat16 and interpreter_on(), "ieee"  # half dots: precision unused
-    if not interpreter_on() and tf32_matmul():
+        return dtype == torch.bfloat16 and _common.INTERPRET, "ieee"  # half dots: precision unused
+    if not _common.INTERPRET and tf32_matmul():
         return False, "tf32"
     return False, "tf32x3"
 
@@ -254,7 +256,10 @@ class _FwdPlan:
         DV = v.shape[-1]
         self.copy = tuple(not _reads_well(x) for x in (q, k, v))  # _tile_friendly's choice
         strides = [x.stride() if not c else x.contiguous().stride() for x, c in zip((q, k, v), self.copy)]
+        self.copies = any(self.copy)
         self.o_size, self.lse_size = (B, H, L, DV), (B, H, L)
+        self.o_stride = (H * L * DV, L * DV, DV, 1)  # contiguous
+        self.device = q.device
         self.empty = B * H * L * DV == 0
         self.ints = (*strides[0], *strides[1], *strides[2], H, L, D, DV)
         self.block_d, self.block_dv = _block_d(D), _block_d(DV)
@@ -263,15 +268,17 @@ class _FwdPlan:
         self.launches = {}  # precision -> (constexprs, grid)
 
     def launch(self, precision):
-        """The launch's constexprs and grid at `precision` ((DOT_F32, PRECISION): TF32 may be
-        switched between calls)."""
+        """The forward launch's constexprs before its tile, in the kernel's order (BLOCK_D,
+        BLOCK_DV, SPLIT, D_CHUNK, DV_CHUNK, R_CHUNK, DOT_F32, PRECISION), and its grid, at
+        `precision` ((DOT_F32, PRECISION): TF32 may be switched between calls)."""
         found = self.launches.get(precision)
         if found is None:
             dot_f32, prec = precision
-            meta = dict(BLOCK_D=self.block_d, BLOCK_DV=self.block_dv, DOT_F32=dot_f32, PRECISION=prec)
-            meta.update(_split(prec, self.block_d, self.block_dv, "fwd"))
-            programs, L, split = self.programs, self.L, meta["SPLIT"]
-            found = self.launches[precision] = (meta, lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]) * split,))
+            split = _split(prec, self.block_d, self.block_dv, "fwd")
+            constexprs = (self.block_d, self.block_dv, split["SPLIT"], split["D_CHUNK"], split["DV_CHUNK"],
+                          split["R_CHUNK"], dot_f32, prec)  # fmt: skip
+            programs, L, n = self.programs, self.L, split["SPLIT"]
+            found = self.launches[precision] = (constexprs, lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]) * n,))
         return found
 
 

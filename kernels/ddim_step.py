@@ -25,6 +25,8 @@ Traffic per element (float32, bytes), fused: reads x_t, the model output and z, 
 16 (12 at eta = 0); the eager twin: about 100.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -91,21 +93,33 @@ def _ddim_step_kernel(
 
 
 def ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, alphas_cumprod, eta, prediction_type, clip_denoised,
-                  use_clipped_model_output, plan=None):  # fmt: skip
+                  use_clipped_model_output, plan=None, tail=None):  # fmt: skip
+    """x_prev; `plan` and `tail` (the arguments after the tensors: _tail): the call's, where the
+    caller has them."""
     plan = plan or _plan(x_t, model_output, noise)
-    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
-        return y
-    x2, o2, z2, _ = plan.rows(x_t, model_output, noise)
-    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+        return x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    y = torch.empty_like(x_t) if plan.like else x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    if plan.copies:
+        x_t, model_output, noise, _ = plan.rows(x_t, model_output, noise)
+    if tail is None:
+        options = (prediction_type, clip_denoised, use_clipped_model_output, eta, noise is not None or seed is not None)
+        tail = _tail(*options, alphas_cumprod.shape[0], t.stride(0), t_prev.stride(0), plan, noise is not None)
+    with _common.launch_device(plan.device):  # the tensors' GPU current (multi-GPU)
         _ddim_step_kernel[plan.grid](
-            x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, t_prev, alphas_cumprod, y,
-            float(eta), plan.N, plan.blocks_per_row, alphas_cumprod.shape[0], *plan.strides, t.stride(0),
-            t_prev.stride(0), PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised),
-            CLIPPED_EPS=bool(use_clipped_model_output), STOCHASTIC=noise is not None or seed is not None,
-            HAS_NOISE=noise is not None, FAST_TRIG=not interpreter_on(), BLOCK=plan.block, num_warps=4,
+            x_t, model_output, noise if noise is not None else x_t, seed if seed is not None else x_t, t, t_prev,
+            alphas_cumprod, y, *tail,
         )  # fmt: skip
     return y
+
+
+def _tail(prediction_type, clip_denoised, use_clipped_model_output, eta, stochastic, T, stride_t, stride_tp, plan,
+          has_noise) -> tuple:  # fmt: skip
+    """The kernel's arguments after its tensors: eta, sizes, strides, then the constexprs, passed
+    by position (as posterior_step's _tail; num_warps is Triton's default, 4)."""
+    return (float(eta), *plan.ints, T, *plan.strides, stride_t, stride_tp, _PREDICTION[prediction_type],
+            bool(clip_denoised), bool(use_clipped_model_output), stochastic or has_noise, has_noise,
+            not interpreter_on(), plan.block)  # fmt: skip
 
 
 # -- the custom op: its path and fake (meta) kernel ---------------------------------------------------
@@ -171,12 +185,16 @@ def ddim_step(
                                    clip_denoised, generator, use_clipped_model_output, noise_source,
                                    check_t)  # fmt: skip
     key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(t_prev), meta_key(noise),
-           id(alphas_cumprod), type(eta), eta, prediction_type, noise_source)  # fmt: skip
+           id(alphas_cumprod), type(eta), eta, prediction_type, clip_denoised, use_clipped_model_output,
+           noise_source)  # fmt: skip
     call = _CALLS.find(key)
     if call is None:  # checks on a miss only (the key names the buffer by identity: the call holds it)
         checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, False)
         checks.check_noise_source(noise_source)
-        call = _CALLS.add(key, _Call(x_t, model_output, noise, (alphas_cumprod,)))
+        # z is read (given or drawn) or drawn in-kernel (Philox) at eta > 0 only
+        tail = functools.partial(_tail, prediction_type, clip_denoised, use_clipped_model_output, eta, eta > 0,
+                                 alphas_cumprod.shape[0], t.stride(0), t_prev.stride(0))  # fmt: skip
+        call = _CALLS.add(key, _Call(x_t, model_output, noise, (alphas_cumprod,), tail))
     if check_t:  # the value checks: one host sync
         checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, True)
     given = noise
@@ -185,10 +203,11 @@ def ddim_step(
         noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
     elif eta <= 0:
         noise = None
-    (abar,) = call.buffers()
+    (abar,) = call.ready if call.ready is not None else call.buffers()
     if direct_launch(x_t, model_output, t, t_prev, noise):
-        plan = call.plan_for(x_t, model_output, given, noise)
-        return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
-                             bool(clip_denoised), bool(use_clipped_model_output), plan)  # fmt: skip
+        drawn = given is None and noise is not None
+        plan, tail = call.launches[drawn] or call.launch_for(x_t, model_output, given, noise)
+        return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, eta, prediction_type, clip_denoised,
+                             use_clipped_model_output, plan, tail)  # fmt: skip
     return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,
                         bool(clip_denoised), bool(use_clipped_model_output))  # fmt: skip

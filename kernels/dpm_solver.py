@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ddpm_fast import checks, reference
 from ddpm_fast.kernels import _common
-from ddpm_fast.kernels._common import Plans, direct_launch, elementwise_out, meta_key, use_triton
+from ddpm_fast.kernels._common import Plans, _grad_enabled, direct_launch, elementwise_out, meta_key, use_triton
 from ddpm_fast.kernels._elementwise import clamped_index, sample_block
 from ddpm_fast.kernels.posterior_step import _clip, _plan, _wants_grad
 
@@ -60,20 +60,29 @@ def _dpm_solver_step_kernel(
     tl.store(X0_ptr + b * N + cols, x0, mask=mask)
 
 
-def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised, plan=None):
+def dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised, plan=None, tail=None):
+    """(x_next, x0); `plan` and `tail` (the arguments after the tensors: _tail): the call's, where
+    the caller has them."""
     plan = plan or _plan(x_t, model_output, x0_prev)
-    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
-    x0 = torch.empty_strided(plan.y_size, plan.y_stride, dtype=torch.float32, device=x_t.device)
+    y = torch.empty_like(x_t) if plan.like else x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    x0 = x_t.new_empty_strided(plan.y_size, plan.y_stride, dtype=torch.float32)
     if plan.empty:
         return y, x0
-    x2, o2, p2, _ = plan.rows(x_t, model_output, x0_prev)
-    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+    if plan.copies:
+        x_t, model_output, x0_prev, _ = plan.rows(x_t, model_output, x0_prev)
+    if tail is None:
+        tail = _tail(clip_denoised, coefficients.shape[0], step.stride(0), plan, x0_prev is not None)
+    with _common.launch_device(plan.device):  # the tensors' GPU current (multi-GPU)
         _dpm_solver_step_kernel[plan.grid](
-            x2, o2, p2 if x0_prev is not None else x2, step, coefficients, y, x0,
-            plan.N, plan.blocks_per_row, coefficients.shape[0], *plan.strides, step.stride(0),
-            HAS_PREV=x0_prev is not None, CLIP=bool(clip_denoised), BLOCK=plan.block, num_warps=4,
+            x_t, model_output, x0_prev if x0_prev is not None else x_t, step, coefficients, y, x0, *tail,
         )  # fmt: skip
     return y, x0
+
+
+def _tail(clip_denoised, S, stride_s, plan, has_prev) -> tuple:
+    """The kernel's arguments after its tensors: sizes, strides, then the constexprs, passed by
+    position (as posterior_step's _tail; num_warps is Triton's default, 4)."""
+    return (*plan.ints, S, *plan.strides, stride_s, has_prev, bool(clip_denoised), plan.block)
 
 
 @torch.library.custom_op("ddpm_fast::dpm_solver_step", mutates_args=())
@@ -96,9 +105,10 @@ def _(x_t, model_output, x0_prev, step, coefficients, clip_denoised):
 class _Call:
     """A call's checked metadata and launch plan (see _common.Plans)."""
 
-    def __init__(self, x_t, model_output, x0_prev, step, coefficients):
+    def __init__(self, x_t, model_output, x0_prev, step, coefficients, clip_denoised):
         checks.check_dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, False)
         self.plan = _plan(x_t, model_output, x0_prev)
+        self.tail = _tail(clip_denoised, coefficients.shape[0], step.stride(0), self.plan, x0_prev is not None)
         # the table as the kernel reads it (float32, contiguous): the run's own as it is, else converted per call
         self.ready = coefficients.dtype == torch.float32 and coefficients.is_contiguous()
 
@@ -108,16 +118,19 @@ _CALLS = Plans()
 
 def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
     """Fused twin of ddpm_fast.reference.dpm_solver_step (same signature)."""
-    if _wants_grad(x_t, model_output, x0_prev):
+    if _grad_enabled() and _wants_grad(x_t, model_output, x0_prev):
         return reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, check_step)
-    key = (meta_key(x_t), meta_key(model_output), meta_key(x0_prev), meta_key(step), meta_key(coefficients))
+    # (meta_key written out for the tensors always given: a call per tensor costs ~2% of the call)
+    key = (x_t.shape, x_t.stride(), x_t.dtype, x_t.device, model_output.shape, model_output.stride(),
+           model_output.dtype, model_output.device, meta_key(x0_prev), step.shape, step.stride(), step.dtype,
+           step.device, meta_key(coefficients), clip_denoised)  # fmt: skip
     call = _CALLS.find(key)
     if call is None:  # checks on a miss only
-        call = _CALLS.add(key, _Call(x_t, model_output, x0_prev, step, coefficients))
+        call = _CALLS.add(key, _Call(x_t, model_output, x0_prev, step, coefficients, clip_denoised))
     if check_step:  # the value check: one host sync
         checks.check_timesteps("step", step, x_t.shape[0], coefficients.shape[0], x_t.device)
     if not call.ready:
         coefficients = coefficients.float().contiguous()
     if direct_launch(x_t, model_output, x0_prev, step):
-        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised), call.plan)
+        return dpm_solver_step_fwd(x_t, model_output, x0_prev, step, coefficients, clip_denoised, call.plan, call.tail)
     return dpm_solver_step_op(x_t, model_output, x0_prev, step, coefficients, bool(clip_denoised))

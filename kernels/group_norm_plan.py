@@ -125,6 +125,7 @@ class _FwdPlan:
         self.y_size, self.y_stride = tuple(y.shape), y.stride()
         y_strides = (y.stride(0), y.stride(1), _hw_stride(y))
         self.stats_shape = (B, G)
+        self.device = x.device
         self.empty = x.numel() == 0
         if self.empty:
             return
@@ -138,7 +139,10 @@ class _FwdPlan:
             self.grid = (B * ngb,)
             self.ints = (G, ngb, cpg, hw)
             self.strides = (*x_strides, *stride_a, *y_strides)
-            self.meta = {silu: dict(meta, EVEN_HW=block_hw == hw, SILU=silu) for silu in (False, True)}
+            # the fused kernel's constexprs in its order (HAS_ADD, SILU, GB, BLOCK_C, BLOCK_HW, EVEN_HW)
+            even_hw = block_hw == hw
+            self.constexprs = {silu: (add is not None, silu, gb, block_c, block_hw, even_hw) for silu in (False, True)}
+            self.num_warps = meta["num_warps"]
             return
         chunk = cdiv(cdiv(hw, self.split), block_hw) * block_hw
         split = cdiv(hw, chunk)

@@ -36,6 +36,8 @@ multiply and an add for the noise) and 10 tiny ones on the per-sample coefficien
 (`python -m ddpm_fast.tools.traffic` counts them).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -45,6 +47,7 @@ from ddpm_fast import checks, reference
 from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import (
     Plans,
+    _grad_enabled,
     as_rows,
     cdiv,
     direct_launch,
@@ -152,6 +155,9 @@ class _StepPlan:
     def __init__(self, x_t, model_output, noise, extra=None):
         y, self.order = elementwise_out(x_t)
         self.y_size, self.y_stride = tuple(y.shape), y.stride()
+        self.device = x_t.device
+        # empty_like(x_t) gives this layout wherever x_t is dense (the usual case): a cheaper call
+        self.like = torch.empty_like(x_t, device="meta").stride() == self.y_stride
         self.empty = y.numel() == 0
         if self.empty:
             return
@@ -188,36 +194,31 @@ def _plan(x_t, model_output, noise, extra=None) -> _StepPlan:
 
 
 def posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan=None,
-                       model_variance=None, max_log_variance=None):  # fmt: skip
+                       model_variance=None, max_log_variance=None, tail=None):  # fmt: skip
+    """x_{t-1}; `plan` and `tail` (the arguments after the tensors: _tail): the call's, where the
+    caller has them."""
     plan = plan or _plan(x_t, model_output, noise, model_variance)
-    y = x_t.new_empty_strided(plan.y_size, plan.y_stride)
     if plan.empty:
-        return y
-    x2, o2, z2, v2 = plan.rows(x_t, model_output, noise, model_variance)
+        return x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    y = torch.empty_like(x_t) if plan.like else x_t.new_empty_strided(plan.y_size, plan.y_stride)
+    if plan.copies:
+        x_t, model_output, noise, model_variance = plan.rows(x_t, model_output, noise, model_variance)
     learned = model_variance is not None
-    with _common.launch_device(x_t.device):  # the tensors' GPU current (multi-GPU)
+    if tail is None:
+        tail = _tail(prediction_type, clip_denoised, learned, buffers[0].shape[0], t.stride(0), plan, noise is not None)
+    with _common.launch_device(plan.device):  # the tensors' GPU current (multi-GPU)
         _posterior_step_kernel[plan.grid](
-            x2, o2, z2 if noise is not None else x2, seed if seed is not None else x2, t, *buffers, y,
-            v2 if learned else x2, max_log_variance if learned else buffers[4],
-            *plan.ints, buffers[0].shape[0], *plan.all_strides, t.stride(0),
-            **_meta(prediction_type, clip_denoised, noise is not None, learned, plan.block),
+            x_t, model_output, noise if noise is not None else x_t, seed if seed is not None else x_t, t, *buffers, y,
+            model_variance if learned else x_t, max_log_variance if learned else buffers[4], *tail,
         )  # fmt: skip
     return y
 
 
-_METAS: dict = {}
-
-
-def _meta(prediction_type, clip_denoised, has_noise, learned, block) -> dict:
-    """The launch's constexprs, one dict per combination (built once: the kwargs of every launch)."""
-    key = (prediction_type, clip_denoised, has_noise, learned, block)
-    meta = _METAS.get(key)
-    if meta is None:
-        meta = _METAS[key] = dict(
-            PRED=_PREDICTION[prediction_type], CLIP=bool(clip_denoised), HAS_NOISE=has_noise,
-            FAST_TRIG=not interpreter_on(), LEARNED=learned, BLOCK=block, num_warps=4,
-        )  # fmt: skip
-    return meta
+def _tail(prediction_type, clip_denoised, learned, T, stride_t, plan, has_noise) -> tuple:
+    """The kernel's arguments after its tensors: sizes, strides, then the constexprs, passed by
+    position (a keyword dict costs the host ~0.3 us per launch; num_warps is Triton's default, 4)."""
+    return (*plan.ints, T, *plan.all_strides, stride_t, _PREDICTION[prediction_type], bool(clip_denoised), has_noise,
+            not interpreter_on(), learned, plan.block)  # fmt: skip
 
 
 # -- the custom op: its path and fake (meta) kernel -----------------------------------------------
@@ -281,29 +282,34 @@ def _noise_or_seed(x_t, noise, generator, noise_source):
 
 
 class _Call:
-    """A public call's checked metadata (see _common.Plans): the launch plan and the schedule
-    buffers. The key names each buffer by identity, so the call holds them (an id cannot be
-    reused while its entry lives); buffers the kernel reads as they are (float32, contiguous: the
-    DDPM's own) are passed as they are, others converted per call, so an in-place change to
-    either is always seen."""
+    """A public call's checked metadata (see _common.Plans): the launch plan, the launch's other
+    arguments and the schedule buffers. The key names the first buffer by identity (the caller
+    checks that the others are the very ones held), so the call holds them (an id cannot be reused
+    while its entry lives); buffers the kernel reads as they are
+    (float32, contiguous: the DDPM's own) are passed as they are, others converted per call, so
+    an in-place change to either is always seen. `tail(plan, has_noise)` gives the arguments
+    after the tensors (the kernel's _tail)."""
 
-    def __init__(self, x_t, model_output, noise, buffers, extra=None):
+    def __init__(self, x_t, model_output, noise, buffers, tail, extra=None):
         self.plan = _plan(x_t, model_output, noise, extra)
-        self.drawn = None  # the plan with the noise a call without one draws (always laid out alike)
         self.held = buffers
         ready = all(b.dtype == torch.float32 and b.is_contiguous() for b in buffers)
         self.ready = buffers if ready else None
+        self.tail = tail
+        self.launches = [None, None]  # (plan, tail) with the key's noise (given or none), with a drawn one
 
     def buffers(self):
         return self.ready if self.ready is not None else tuple(b.float().contiguous() for b in self.held)
 
-    def plan_for(self, x_t, model_output, given, noise, extra=None) -> _StepPlan:
-        """The plan for this call's noise: the key's (given, or none at all), or the drawn one's."""
-        if given is not None or noise is None:
-            return self.plan
-        if self.drawn is None:
-            self.drawn = _plan(x_t, model_output, noise, extra)
-        return self.drawn
+    def launch_for(self, x_t, model_output, given, noise, extra=None) -> tuple:
+        """(plan, tail) for this call's noise: the key's (given, or none at all: Philox), or the
+        drawn one's (torch.randn of x_t's shape, always laid out alike)."""
+        drawn = given is None and noise is not None
+        launch = self.launches[drawn]
+        if launch is None:
+            plan = _plan(x_t, model_output, noise, extra) if drawn else self.plan
+            launch = self.launches[drawn] = plan, self.tail(plan, noise is not None)
+        return launch  # (a hot caller reads launches[drawn] itself and calls this on None only)
 
 
 _CALLS = Plans()
@@ -328,36 +334,48 @@ def posterior_step(
     max_log_variance=None,
 ):
     """Fused twin of ddpm_fast.reference.posterior_step (same signature)."""
-    buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
-               posterior_log_variance)  # fmt: skip
-    if _wants_grad(x_t, model_output, model_variance):
-        return reference.posterior_step(x_t, model_output, t, noise, *buffers, prediction_type, clip_denoised,
-                                        generator, noise_source, check_t, model_variance=model_variance,
+    if _grad_enabled() and _wants_grad(x_t, model_output, model_variance):
+        return reference.posterior_step(x_t, model_output, t, noise, sqrt_recip_alphas_cumprod,
+                                        sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
+                                        posterior_log_variance, prediction_type, clip_denoised, generator,
+                                        noise_source, check_t, model_variance=model_variance,
                                         max_log_variance=max_log_variance)  # fmt: skip
-    # the key names each schedule buffer by identity (the call holds them: see _Call)
-    key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(noise), id(sqrt_recip_alphas_cumprod),
-           id(sqrt_recipm1_alphas_cumprod), id(posterior_mean_coef1), id(posterior_mean_coef2),
-           id(posterior_log_variance), id(max_log_variance), prediction_type, noise_source,
+    # The key names the schedule by its first buffer's identity, and the call (which holds every
+    # buffer, so no id is reused while it lives) serves only where the others are the very ones
+    # passed too: an `is` each costs less than an id() each in the key.
+    # (meta_key written out for the tensors always given: a call per tensor costs ~2% of the call)
+    key = (x_t.shape, x_t.stride(), x_t.dtype, x_t.device, model_output.shape, model_output.stride(),
+           model_output.dtype, model_output.device, t.shape, t.stride(), t.dtype, t.device, meta_key(noise),
+           id(sqrt_recip_alphas_cumprod), prediction_type, clip_denoised, noise_source,
            meta_key(model_variance))  # fmt: skip
     call = _CALLS.find(key)
-    if call is None:  # checks on a miss only
+    held = call.held if call is not None else None
+    if held is None or not (held[1] is sqrt_recipm1_alphas_cumprod and held[2] is posterior_mean_coef1
+                            and held[3] is posterior_mean_coef2 and held[4] is posterior_log_variance
+                            and (model_variance is None or held[5] is max_log_variance)):  # fmt: skip
+        # a miss: the checks, and a call for these buffers (in the entry's place)
+        buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
+                   posterior_mean_coef2, posterior_log_variance)  # fmt: skip
         checks.check_posterior_step(x_t, model_output, t, noise, prediction_type, *buffers, check_t=False)
         checks.check_learned_variance(x_t, model_variance, max_log_variance, posterior_log_variance)
         checks.check_noise_source(noise_source)
         held = buffers if max_log_variance is None else (*buffers, max_log_variance)
-        call = _CALLS.add(key, _Call(x_t, model_output, noise, held, model_variance))
+        tail = functools.partial(_tail, prediction_type, clip_denoised, model_variance is not None,
+                                 posterior_log_variance.shape[0], t.stride(0))  # fmt: skip
+        call = _CALLS.add(key, _Call(x_t, model_output, noise, held, tail, model_variance))
     if check_t:  # the value check: one host sync
-        checks.check_timesteps("t", t, x_t.shape[0], buffers[0].shape[0], x_t.device)
+        checks.check_timesteps("t", t, x_t.shape[0], sqrt_recip_alphas_cumprod.shape[0], x_t.device)
     given = noise
     seed = None
     if noise is None:
         noise, seed = _noise_or_seed(x_t, noise, generator, noise_source)
-    step_buffers = call.buffers()
-    variance = {} if model_variance is None else dict(model_variance=model_variance, max_log_variance=step_buffers[5])
-    step_buffers = step_buffers[:5]
+    buffers = call.ready if call.ready is not None else call.buffers()
+    if model_variance is not None:
+        buffers, max_log_variance = buffers[:5], buffers[5]
     if direct_launch(x_t, model_output, t, noise, model_variance):
-        plan = call.plan_for(x_t, model_output, given, noise, model_variance)
-        return posterior_step_fwd(x_t, model_output, t, noise, seed, step_buffers, prediction_type,
-                                  bool(clip_denoised), plan, **variance)  # fmt: skip
-    return posterior_step_op(x_t, model_output, t, noise, seed, *step_buffers, prediction_type, bool(clip_denoised),
-                             **variance)  # fmt: skip
+        drawn = given is None and noise is not None
+        plan, tail = call.launches[drawn] or call.launch_for(x_t, model_output, given, noise, model_variance)
+        return posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan,
+                                  model_variance, max_log_variance, tail)  # fmt: skip
+    return posterior_step_op(x_t, model_output, t, noise, seed, *buffers, prediction_type, bool(clip_denoised),
+                             model_variance=model_variance, max_log_variance=max_log_variance)  # fmt: skip

@@ -108,6 +108,43 @@ def test_bad_input_is_refused_on_every_call():
                 kernels.posterior_step(x, x, torch.tensor([1, 10]), x, *step)
 
 
+def test_cached_launch_arguments_follow_every_option():
+    """The launch's arguments after its tensors (sizes, strides, constexprs: _tail) are cached per
+    call key: calls on the same tensors that differ only in an option or a schedule buffer, in turn
+    and again, each give the eager twin's result (one missing from the key would replay the
+    previous call's)."""
+    from ddpm_fast import reference
+
+    bufs = schedule_buffers(make_betas("linear", 50))
+    step = [bufs[n] for n in POSTERIOR_STEP_BUFFERS]
+    x_t, out, z = torch.randn(3, 2, 4, 4) * 2, torch.randn(3, 2, 4, 4) * 2, torch.randn(3, 2, 4, 4)
+    t, t_prev = torch.tensor([1, 20, 49]), torch.tensor([0, 10, 40])
+    posterior = [dict(prediction_type=p, clip_denoised=c) for p in ("epsilon", "v_prediction") for c in (True, False)]
+    ddim = [dict(eta=e, clip_denoised=c, use_clipped_model_output=u) for e in (0.0, 0.7) for c in (True, False)
+            for u in (False, True)]  # fmt: skip
+    with torch.no_grad():
+        for options in posterior * 2:
+            got = kernels.posterior_step(x_t, out, t, z, *step, **options)
+            want = reference.posterior_step(x_t, out, t, z, *step, **options)
+            torch.testing.assert_close(got, want, msg=lambda m, o=options: f"{o}: {m}")
+        for options in ddim * 2:
+            got = kernels.ddim_step(x_t, out, t, t_prev, z, bufs["alphas_cumprod"], **options)
+            want = reference.ddim_step(x_t, out, t, t_prev, z, bufs["alphas_cumprod"], **options)
+            torch.testing.assert_close(got, want, msg=lambda m, o=options: f"{o}: {m}")
+        # a schedule that shares its first buffer with the other: the call found by the key is
+        # used only with the very buffers it holds
+        for i in range(1, 5):  # each of the others changed alone
+            other = [b * 0.9 if j == i else b for j, b in enumerate(step)]
+            for buffers in (step, other, step, other):
+                got = kernels.posterior_step(x_t, out, t, z, *buffers)
+                torch.testing.assert_close(got, reference.posterior_step(x_t, out, t, z, *buffers))
+        x, w, b = torch.randn(2, 8, 4, 4), torch.rand(8) + 0.5, torch.randn(8)
+        for silu, eps in [(True, 1e-5), (False, 1e-5), (True, 1e-2), (False, 1e-2)] * 2:
+            fused = kernels.group_norm_silu if silu else kernels.group_norm
+            eager = reference.group_norm_silu if silu else reference.group_norm
+            torch.testing.assert_close(fused(x, 4, w, b, eps), eager(x, 4, w, b, eps))
+
+
 def test_concat_cache_follows_the_weights():
     a, b = torch.randn(3, 2), torch.randn(1, 2)
     cache = ConcatCache()

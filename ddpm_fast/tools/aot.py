@@ -87,6 +87,18 @@ def _stand_in(value):
     return ("const", value), value
 
 
+def _constexprs_by_name(fn, args, kwargs) -> tuple[tuple, dict]:
+    """(args, kwargs) with the constexprs passed by position moved to kwargs by name: a launch is
+    told apart, and its report row shows its config, by its constexprs' values (an int passed by
+    position keys only on its specialisations). Our kernels list their constexprs last."""
+    params = fn.params[: len(args)]
+    kept = tuple(a for p, a in zip(params, args) if not p.is_constexpr)
+    if any(p.is_constexpr for p in params[: len(kept)]):
+        raise ValueError(f"{fn.fn.__name__}: a constexpr before a runtime argument: list the constexprs last")
+    named = {p.name: a for p, a in zip(params, args) if p.is_constexpr}
+    return kept, {**named, **kwargs}
+
+
 class Recorder:
     """Catches Triton launches (JITFunction and Autotuner runs) and keeps one of each kind."""
 
@@ -113,7 +125,7 @@ class Recorder:
         recorder = self
 
         def record(self, *args, grid, warmup, **kwargs):
-            recorder.add(self, args, kwargs)
+            recorder.add(self, *_constexprs_by_name(self, args, kwargs))
 
         def every_config(self, *args, **kwargs):
             self.nargs = dict(zip(self.arg_names, args))
