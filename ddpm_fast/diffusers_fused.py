@@ -13,7 +13,7 @@ backward: the kernels are autograd functions, so diffusers' training scripts get
 Supported, and what DDPM checkpoints use (google/ddpm-cifar10-32, -celebahq-256, -church-256,
 -bedroom-256, -cat-256): ResnetBlock2D with time_embedding_norm "default" (resnet_time_scale_shift
 "default"), SiLU, GroupNorm norms; Attention blocks of any number of heads (attention_head_dim set
-or None) with head dims up to 256, self-attention without a mask, whose processor is diffusers'
+or None) with head dims up to 512, self-attention without a mask, whose processor is diffusers'
 AttnProcessor2_0 or AttnProcessor. Anything else is left on diffusers' path and counted.
 diffusers itself is imported only here, when a diffusers model is passed.
 """

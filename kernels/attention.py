@@ -1,21 +1,14 @@
 """Fused (flash) attention for the U-Net: softmax(q k^T * scale) v, non-causal, forward and backward.
 
-Forward (Dao et al. 2022, online softmax): for each block of BLOCK_M queries, loop over
-blocks of BLOCK_N keys keeping the running row max m, the running sum l and the output
-accumulator in float32; rows are rescaled by exp(m_old - m_new) as m grows. The L x L
-scores never leave the chip. Saved for the backward: q, k, v, the output and the per-row
-log-sum-exp (B, H, L) in float32: memory linear in L (the eager path keeps L x L probabilities).
-Backward (recompute): delta = rowsum(dO * O); P = exp(S - lse) recomputed block by block;
-    dV = P^T dO,  dP = dO V^T,  dS = P * (dP - delta),  dQ = scale dS K,  dK = scale dS^T Q
-in two kernels, one over key blocks (dK, dV) and one over query blocks (dQ): no atomics,
-deterministic.
+The algorithm, forward and backward, is written out above the kernels (attention_kernels.py);
+tiles, precision and plans are in attention_plan.py.
 
 Contract
 - q, k: (B, H, L, d); v: (B, H, L, d_v); any strides. The layout read best has the head dim
   contiguous (token-major, as the U-Net's AttnBlock now produces q, k, v from one GEMM); the
   transposed views of a conv output (L contiguous) also run, and compile without spills: read in
   place where L % 16 == 0, else copied to token-major first (`_tile_friendly`).
-  L any length >= 1, d and d_v from 1 to 256, any B * H (the grid is one flat axis); float32,
+  L any length >= 1, d and d_v from 1 to 512, any B * H (the grid is one flat axis); float32,
   float16, bfloat16, all three the same dtype, on one device. Output: (B, H, L, d_v), q's dtype.
 - float16 / bfloat16 run on tensor cores (mma on sm_80, wgmma on sm_90 where Triton emits it);
   tiles (BLOCK_M 64-128, 2-4 stages) are autotuned on a GPU over a short list pruned by head
@@ -25,7 +18,9 @@ Contract
   or the legacy allow_tf32: _common.tf32_matmul), else as 3xTF32 (float32-level error) at every
   head dim: past 128 in the forward and 64 in the backward (where a 3xTF32 tile holding the whole
   head dim spills registers) the kernels run chunked, the head dim split over programs at 256
-  (TF32X3_CHUNKED).
+  (TF32X3_CHUNKED). At 512 (one head of 512 channels, as in the google/ddpm-*-256 checkpoints)
+  every precision runs chunked (CHUNKED): half over 2 programs of 256, float32 over 4 of 128
+  forward and 8 of 64 backward.
 - bfloat16: Triton's interpreter computes tl.dot of bfloat16 operands wrongly, so under the
   interpreter (only) bfloat16 tiles are widened to float32 before each tl.dot (DOT_F32).
   That is the same arithmetic as the GPU's bfloat16 MMA: a product of two bfloat16 values is
@@ -34,7 +29,7 @@ Contract
   they cannot check is the hardware MMA itself.
 - A PyTorch custom op (ddpm_fast::attention, with a fake kernel and an autograd formula).
 - Tested under TRITON_INTERPRET=1 against the eager twin in float64: output, dq, dk, dv for
-  L in {16, 49, 64, 256}, d in {32, 64, 256}, batch 1 and 3, several heads, the U-Net's
+  L in {16, 49, 64, 256}, d in {32, 64, 256, 512}, batch 1 and 3, several heads, the U-Net's
   token-major q/k/v, transposed and strided inputs, non-contiguous upstream gradients and
   B * H > 65,535; every autotune config compiles for sm_80 and sm_90 without spills and within
   shared memory (python -m ddpm_fast.tools.aot, tests/tools/test_compile.py).
@@ -49,8 +44,6 @@ kernel's programs of one block are neighbours in the grid: their re-reads are L2
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ddpm_fast import checks, reference
 from ddpm_fast.kernels import _common
@@ -61,6 +54,12 @@ from ddpm_fast.kernels._common import (
     interpreter_on,
     on_input_device,
     use_triton,
+)
+from ddpm_fast.kernels.attention_kernels import (
+    _attn_bwd_preprocess_kernel,
+    _attn_dkdv,
+    _attn_dq,
+    _attn_fwd,
 )
 from ddpm_fast.kernels.attention_plan import (
     DKDV_CONFIGS,
@@ -75,262 +74,8 @@ from ddpm_fast.kernels.attention_plan import (
     _tile_friendly,
 )
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 512
 LOG2E = 1.4426950408889634
-
-
-@triton.jit
-def _mm(a, b, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b accumulated in float32 (DOT_F32: widen the operands first; see the header)."""
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
-
-
-@triton.jit
-def _mm_chunked(
-    a_ptr, a_rows, a_valid, stride_ar, stride_ak, b_ptr, b_rows, b_valid, stride_br, stride_bk, K,
-    BLOCK_K: tl.constexpr, CHUNK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    """a[a_rows, :K] @ b[b_rows, :K]^T in float32, CHUNK columns of the head dim at a time, each
-    chunk loaded where it is used (from L1/L2 after its first read): the split kernels' product
-    over the whole head dim without holding a (rows, head dim) tile of either operand."""
-    acc = tl.zeros((a_rows.shape[0], b_rows.shape[0]), tl.float32)
-    for c in tl.static_range(0, BLOCK_K, CHUNK):
-        offs_k = c + tl.arange(0, CHUNK)
-        k_valid = offs_k < K
-        a = tl.load(a_ptr + a_rows[:, None] * stride_ar + offs_k[None, :] * stride_ak,
-                    mask=a_valid[:, None] & k_valid[None, :], other=0.0)  # fmt: skip
-        bT = tl.load(b_ptr + b_rows[None, :] * stride_br + offs_k[:, None] * stride_bk,
-                     mask=b_valid[None, :] & k_valid[:, None], other=0.0)  # fmt: skip
-        acc += _mm(a, bT, DOT_F32, PRECISION)
-    return acc
-
-
-@triton.jit
-def _attn_fwd_kernel(
-    Q_ptr, K_ptr, V_ptr, O_ptr, LSE_ptr,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
-    H, L, D, DV, qk_scale,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, SPLIT: tl.constexpr, D_CHUNK: tl.constexpr,
-    DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_N: tl.constexpr,
-):  # fmt: skip
-    # (The tile, the autotuner's, and EVEN_N, its heuristic's, come last: a launch passes the
-    # constexprs before them by position, which costs the host less than keywords.)
-    # One flat grid: the query blocks of one (batch, head) are neighbours, so its K and V stay in L2;
-    # with SPLIT > 1 the SPLIT programs of one query block (one DV_CHUNK of the output each) too.
-    pid = tl.program_id(0)
-    pid_c = 0
-    if SPLIT > 1:
-        pid_c = pid % SPLIT
-        pid = pid // SPLIT
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_bh, pid_m = pid // num_m, pid % num_m
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = pid_c * DV_CHUNK + tl.arange(0, DV_CHUNK)
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    if R_CHUNK == 0:
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=(offs_m < L)[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-    kT_ptrs = k_base + offs_n[None, :] * stride_kl + offs_d[:, None] * stride_kd
-    v_ptrs = V_ptr + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd
-
-    # Running row max (base-2 units), running sum of exponentials and output accumulator.
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, DV_CHUNK), tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        kn = start_n + offs_n
-        # s = q k^T * scale * log2(e): exp2 of it is exp of the scaled score.
-        if R_CHUNK == 0:
-            kT = tl.load(kT_ptrs + start_n * stride_kl, mask=(kn < L)[None, :] & (offs_d < D)[:, None], other=0.0)
-            s = _mm(q, kT, DOT_F32, PRECISION) * qk_scale
-        else:
-            s = _mm_chunked(q_base, offs_m, offs_m < L, stride_ql, stride_qd, k_base, kn, kn < L, stride_kl, stride_kd,
-                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
-        if not EVEN_N:
-            s = tl.where((kn < L)[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)  # rescales what was accumulated under the old max
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_ptrs + start_n * stride_vl, mask=(kn < L)[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mm(p.to(v.dtype), v, DOT_F32, PRECISION)
-        m_i = m_new
-
-    acc = acc / l_i[:, None]
-    o_ptrs = O_ptr + pid_bh.to(tl.int64) * L * DV + offs_m[:, None] * DV + offs_dv[None, :]
-    tl.store(o_ptrs, acc.to(O_ptr.dtype.element_ty), mask=(offs_m < L)[:, None] & (offs_dv < DV)[None, :])
-    # base 2; with SPLIT > 1 every program of the query block has the same, the first writes it
-    tl.store(LSE_ptr + pid_bh.to(tl.int64) * L + offs_m, m_i + tl.log2(l_i), mask=(offs_m < L) & (pid_c == 0))
-
-
-@triton.jit
-def _attn_bwd_preprocess_kernel(
-    O_ptr, DO_ptr, DELTA_ptr,
-    stride_dob, stride_doh, stride_dol, stride_dod,
-    H, L, DV,
-    BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
-):  # fmt: skip
-    """delta = rowsum(dO * O) per query, in float32."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_bh, pid_m = pid // num_m, pid % num_m
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    mask = (offs_m < L)[:, None] & (offs_dv < DV)[None, :]
-    o = tl.load(O_ptr + pid_bh.to(tl.int64) * L * DV + offs_m[:, None] * DV + offs_dv[None, :], mask=mask, other=0.0)
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
-    do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod, mask=mask, other=0.0)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA_ptr + pid_bh.to(tl.int64) * L + offs_m, delta, mask=offs_m < L)
-
-
-@triton.jit
-def _attn_bwd_dkdv_kernel(
-    Q_ptr, K_ptr, V_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DK_ptr, DV_ptr,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_dob, stride_doh, stride_dol, stride_dod,
-    H, L, D, DV, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr,
-    EVEN_M: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_c = 0
-    if SPLIT > 1:  # SPLIT programs per key block, one D_CHUNK of dK and one DV_CHUNK of dV each
-        pid_c = pid % SPLIT
-        pid = pid // SPLIT
-    num_n = tl.cdiv(L, BLOCK_N)
-    pid_bh, pid_n = pid // num_n, pid % num_n
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_m = tl.arange(0, BLOCK_M)
-    offs_d = pid_c * D_CHUNK + tl.arange(0, D_CHUNK)
-    offs_dv = pid_c * DV_CHUNK + tl.arange(0, DV_CHUNK)
-    n_valid = offs_n < L
-    row_base = pid_bh.to(tl.int64) * L
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
-    if R_CHUNK == 0:
-        k = tl.load(k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd,
-                    mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        v = tl.load(v_base + offs_n[:, None] * stride_vl + offs_dv[None, :] * stride_vd,
-                    mask=n_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-    q_ptrs = q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd
-    do_ptrs = do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod
-    dk = tl.zeros((BLOCK_N, D_CHUNK), tl.float32)
-    dv = tl.zeros((BLOCK_N, DV_CHUNK), tl.float32)
-    for start_m in range(0, L, BLOCK_M):
-        qm = start_m + offs_m
-        m_valid = qm < L
-        q = tl.load(q_ptrs + start_m * stride_ql, mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dol, mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        lse = tl.load(LSE_ptr + row_base + qm, mask=m_valid, other=0.0)
-        delta = tl.load(DELTA_ptr + row_base + qm, mask=m_valid, other=0.0)
-        # P recomputed from the saved log-sum-exp: no running max needed.
-        if R_CHUNK == 0:
-            s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
-        else:
-            s = _mm_chunked(q_base, qm, m_valid, stride_ql, stride_qd, k_base, offs_n, n_valid, stride_kl, stride_kd,
-                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
-        p = tl.exp2(s - lse[:, None])
-        if EVEN_M:
-            p = tl.where(n_valid[None, :], p, 0.0)
-        else:
-            p = tl.where(m_valid[:, None] & n_valid[None, :], p, 0.0)
-        dv += _mm(tl.trans(p.to(do.dtype)), do, DOT_F32, PRECISION)
-        if R_CHUNK == 0:
-            dp = _mm(do, tl.trans(v), DOT_F32, PRECISION)
-        else:
-            dp = _mm_chunked(do_base, qm, m_valid, stride_dol, stride_dod, v_base, offs_n, n_valid, stride_vl,
-                             stride_vd, DV, BLOCK_DV, R_CHUNK, DOT_F32, PRECISION)  # fmt: skip
-        ds = p * (dp - delta[:, None])
-        dk += _mm(tl.trans(ds.to(q.dtype)), q, DOT_F32, PRECISION)
-    out = pid_bh.to(tl.int64) * L
-    tl.store(DK_ptr + (out + offs_n[:, None]) * D + offs_d[None, :], (dk * scale).to(DK_ptr.dtype.element_ty),
-             mask=n_valid[:, None] & (offs_d < D)[None, :])  # fmt: skip
-    tl.store(DV_ptr + (out + offs_n[:, None]) * DV + offs_dv[None, :], dv.to(DV_ptr.dtype.element_ty),
-             mask=n_valid[:, None] & (offs_dv < DV)[None, :])  # fmt: skip
-
-
-@triton.jit
-def _attn_bwd_dq_kernel(
-    Q_ptr, K_ptr, V_ptr, DO_ptr, LSE_ptr, DELTA_ptr, DQ_ptr,
-    stride_qb, stride_qh, stride_ql, stride_qd,
-    stride_kb, stride_kh, stride_kl, stride_kd,
-    stride_vb, stride_vh, stride_vl, stride_vd,
-    stride_dob, stride_doh, stride_dol, stride_dod,
-    H, L, D, DV, qk_scale, scale,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    SPLIT: tl.constexpr, D_CHUNK: tl.constexpr, DV_CHUNK: tl.constexpr, R_CHUNK: tl.constexpr,
-    EVEN_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-):  # fmt: skip
-    pid = tl.program_id(0)
-    pid_c = 0
-    if SPLIT > 1:  # SPLIT programs per query block, one D_CHUNK of dQ each
-        pid_c = pid % SPLIT
-        pid = pid // SPLIT
-    num_m = tl.cdiv(L, BLOCK_M)
-    pid_bh, pid_m = pid // num_m, pid % num_m
-    b, h = (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = pid_c * D_CHUNK + tl.arange(0, D_CHUNK)
-    m_valid = offs_m < L
-    row_base = pid_bh.to(tl.int64) * L
-    q_base = Q_ptr + b * stride_qb + h * stride_qh
-    k_base = K_ptr + b * stride_kb + h * stride_kh
-    v_base = V_ptr + b * stride_vb + h * stride_vh
-    do_base = DO_ptr + b * stride_dob + h * stride_doh
-    if R_CHUNK == 0:
-        offs_dv = tl.arange(0, BLOCK_DV)
-        q = tl.load(q_base + offs_m[:, None] * stride_ql + offs_d[None, :] * stride_qd,
-                    mask=m_valid[:, None] & (offs_d < D)[None, :], other=0.0)  # fmt: skip
-        do = tl.load(do_base + offs_m[:, None] * stride_dol + offs_dv[None, :] * stride_dod,
-                     mask=m_valid[:, None] & (offs_dv < DV)[None, :], other=0.0)  # fmt: skip
-        vT_ptrs = v_base + offs_n[None, :] * stride_vl + offs_dv[:, None] * stride_vd
-    lse = tl.load(LSE_ptr + row_base + offs_m, mask=m_valid, other=0.0)
-    delta = tl.load(DELTA_ptr + row_base + offs_m, mask=m_valid, other=0.0)
-    k_ptrs = k_base + offs_n[:, None] * stride_kl + offs_d[None, :] * stride_kd
-    dq = tl.zeros((BLOCK_M, D_CHUNK), tl.float32)
-    for start_n in range(0, L, BLOCK_N):
-        kn = start_n + offs_n
-        n_valid = kn < L
-        k = tl.load(k_ptrs + start_n * stride_kl, mask=n_valid[:, None] & (offs_d < D)[None, :], other=0.0)
-        if R_CHUNK == 0:
-            vT = tl.load(vT_ptrs + start_n * stride_vl, mask=n_valid[None, :] & (offs_dv < DV)[:, None], other=0.0)
-            s = _mm(q, tl.trans(k), DOT_F32, PRECISION) * qk_scale
-            dp = _mm(do, vT, DOT_F32, PRECISION)
-        else:
-            s = _mm_chunked(q_base, offs_m, m_valid, stride_ql, stride_qd, k_base, kn, n_valid, stride_kl, stride_kd,
-                            D, BLOCK_D, R_CHUNK, DOT_F32, PRECISION) * qk_scale  # fmt: skip
-            dp = _mm_chunked(do_base, offs_m, m_valid, stride_dol, stride_dod, v_base, kn, n_valid, stride_vl,
-                             stride_vd, DV, BLOCK_DV, R_CHUNK, DOT_F32, PRECISION)  # fmt: skip
-        p = tl.exp2(s - lse[:, None])
-        if not EVEN_N:
-            p = tl.where(n_valid[None, :], p, 0.0)
-        ds = p * (dp - delta[:, None])
-        dq += _mm(ds.to(k.dtype), k, DOT_F32, PRECISION)
-    tl.store(DQ_ptr + (row_base + offs_m[:, None]) * D + offs_d[None, :], (dq * scale).to(DQ_ptr.dtype.element_ty),
-             mask=m_valid[:, None] & (offs_d < D)[None, :])  # fmt: skip
-
-
-_attn_fwd = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_attn_fwd_kernel)
-_attn_dkdv = triton.heuristics({"EVEN_M": lambda a: a["L"] % a["BLOCK_M"] == 0})(_attn_bwd_dkdv_kernel)
-_attn_dq = triton.heuristics({"EVEN_N": lambda a: a["L"] % a["BLOCK_N"] == 0})(_attn_bwd_dq_kernel)
 
 
 _attn_fwd_tuned = _autotuned(_attn_fwd, FWD_CONFIGS)
@@ -385,20 +130,22 @@ def attention_bwd(do, q, k, v, o, lse, scale):
         return dq, dk, dv
     delta = torch.empty_like(lse)
     block_d, block_dv = _block_d(D), _block_d(DV)
-    _attn_bwd_preprocess_kernel[(B * H * cdiv(L, 64),)](
-        o, do, delta, *do.stride(), H, L, DV, BLOCK_M=64, BLOCK_DV=block_dv, num_warps=4,
+    # (64, 512) float32 tiles of o and dO spilled 4.5-5 KB, (32, 512) 16 B under Triton 3.6
+    rows = 64 if block_dv <= 256 else 8192 // block_dv
+    _attn_bwd_preprocess_kernel[(B * H * cdiv(L, rows),)](
+        o, do, delta, *do.stride(), H, L, DV, BLOCK_M=rows, BLOCK_DV=block_dv, num_warps=4,
     )  # fmt: skip
     dot_f32, precision = _precision(q.dtype)
     args = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), H, L, D, DV, scale * LOG2E, scale)
     meta = dict(BLOCK_D=block_d, BLOCK_DV=block_dv, DOT_F32=dot_f32, PRECISION=precision)
-    meta.update(_split(precision, block_d, block_dv, "bwd"))
-    bd, split = max(block_d, block_dv), meta["SPLIT"]
+    dkdv, dq_meta = (dict(meta, **_split(precision, block_d, block_dv, kernel)) for kernel in ("dkdv", "dq"))
+    bd = max(block_d, block_dv)
     _launch(_attn_dkdv, _attn_dkdv_tuned, DKDV_CONFIGS, q.dtype, bd,
-            lambda cfg: B * H * cdiv(L, cfg["BLOCK_N"]) * split, (q, k, v, do, lse, delta, dk, dv, *args),
-            meta)  # fmt: skip
+            lambda cfg: B * H * cdiv(L, cfg["BLOCK_N"]) * dkdv["SPLIT"], (q, k, v, do, lse, delta, dk, dv, *args),
+            dkdv)  # fmt: skip
     _launch(_attn_dq, _attn_dq_tuned, DQ_CONFIGS, q.dtype, bd,
-            lambda cfg: B * H * cdiv(L, cfg["BLOCK_M"]) * split, (q, k, v, do, lse, delta, dq, *args),
-            meta)  # fmt: skip
+            lambda cfg: B * H * cdiv(L, cfg["BLOCK_M"]) * dq_meta["SPLIT"], (q, k, v, do, lse, delta, dq, *args),
+            dq_meta)  # fmt: skip
     return dq, dk, dv
 
 

@@ -45,6 +45,8 @@ FWD_CONFIGS = {
         ("float32", 128): [(64, 32, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(64, 16, 8, 2)],
         ("float32", 256, "chunked"): [(16, 16, 8, 2), (16, 32, 8, 2)],
+        ("half", 512, "chunked"): [(64, 32, 8, 2), (64, 16, 8, 2), (32, 64, 8, 1)],
+        ("float32", 512, "chunked"): [(16, 16, 8, 1), (16, 32, 8, 1)],
     },
     "sm90": {
         ("half", 64): [(128, 64, 8, 4), (128, 128, 8, 3), (128, 64, 4, 3)],
@@ -55,6 +57,8 @@ FWD_CONFIGS = {
         ("float32", 128): [(32, 64, 8, 2), (32, 32, 8, 2), (16, 32, 4, 2), (16, 32, 8, 1)],
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
         ("float32", 256, "chunked"): [(16, 16, 8, 2), (16, 32, 8, 2)],
+        ("half", 512, "chunked"): [(64, 32, 8, 2), (64, 64, 8, 1), (128, 32, 8, 1)],
+        ("float32", 512, "chunked"): [(16, 16, 8, 2), (16, 32, 8, 1)],
     },
 }
 # Backward: the dK/dV kernel (BLOCK_N keys per program, looping over BLOCK_M queries) and the dQ
@@ -69,6 +73,8 @@ DKDV_CONFIGS = {
         ("float32", 256): [(16, 16, 8, 1)],
         ("float32", 128, "chunked"): [(16, 32, 8, 1)],
         ("float32", 256, "chunked"): [(16, 32, 8, 1)],
+        ("half", 512, "chunked"): [(32, 32, 8, 1), (64, 32, 8, 1)],  # Triton 3.6 spills 16 B in the second
+        ("float32", 512, "chunked"): [(16, 16, 8, 1)],
     },
     "sm90": {
         ("half", 64): [(64, 64, 8, 2), (64, 64, 4, 3)],
@@ -79,6 +85,8 @@ DKDV_CONFIGS = {
         ("float32", 256): [(32, 16, 8, 1), (16, 16, 4, 1)],
         ("float32", 128, "chunked"): [(16, 32, 8, 1)],
         ("float32", 256, "chunked"): [(16, 32, 8, 1)],
+        ("half", 512, "chunked"): [(32, 64, 8, 1)],
+        ("float32", 512, "chunked"): [(16, 16, 8, 1)],
     },
 }
 DQ_CONFIGS = {
@@ -91,6 +99,8 @@ DQ_CONFIGS = {
         ("float32", 256): [(16, 16, 4, 1)],
         ("float32", 128, "chunked"): [(32, 16, 8, 1), (16, 32, 8, 1)],
         ("float32", 256, "chunked"): [(16, 32, 8, 1), (32, 16, 8, 1)],
+        ("half", 512, "chunked"): [(64, 32, 8, 1), (64, 16, 8, 1), (32, 32, 8, 1)],
+        ("float32", 512, "chunked"): [(16, 32, 8, 1)],
     },
     "sm90": {
         ("half", 64): [(128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 3)],
@@ -101,6 +111,8 @@ DQ_CONFIGS = {
         ("float32", 256): [(16, 32, 8, 2), (16, 16, 4, 2)],
         ("float32", 128, "chunked"): [(32, 16, 8, 1), (16, 32, 8, 1)],
         ("float32", 256, "chunked"): [(16, 32, 8, 1), (32, 16, 8, 1)],
+        ("half", 512, "chunked"): [(64, 16, 8, 2), (64, 16, 8, 1), (32, 32, 8, 1)],
+        ("float32", 512, "chunked"): [(16, 16, 8, 1)],
     },
 }
 
@@ -203,8 +215,29 @@ def _autotuned(kernel, tables):
 # themselves are too big the head dim of the outputs is split over SPLIT programs per block of
 # rows. A split kernel recomputes the products over the whole head dim once per program: at
 # d = 256 the forward does 1.5x the MMAs of an unsplit one, the backward 1.6x.
-TF32X3_HOLD = {"fwd": 128, "bwd": 64}
-TF32X3_CHUNKED = {"fwd": {256: (2, 128)}, "bwd": {128: (1, 64), 256: (2, 64)}}  # head dim -> (SPLIT, R_CHUNK)
+TF32X3_HOLD = {"fwd": 128, "dkdv": 64, "dq": 64}
+TF32X3_CHUNKED = {
+    "fwd": {256: (2, 128), 512: (4, 64)},
+    "dkdv": {128: (1, 64), 256: (2, 64), 512: (8, 32)},
+    "dq": {128: (1, 64), 256: (2, 64), 512: (8, 64)},
+}
+# At 512 3xTF32 takes smaller pieces than at 256: the forward sums q k^T 64 columns at a time
+# (with 128, as at 256, every tile spilled 16-120 B under Triton 3.6), and the backward splits
+# its outputs over 8 programs of 64 (with 4 of 128 no dK/dV tile was free of spills on sm_90,
+# 8-144 B), summing 32 columns at a time in the dK/dV kernel and 64 in the dQ kernel: under
+# Triton 3.6 on sm_90 each spilled 8-32 B in every tile tried at the other's width.
+# Half precision and TF32 hold the whole head dim up to 256 (their tiles above); at 512 (one head of
+# 512 channels: the google/ddpm-*-256 checkpoints' 16x16 attention) they run chunked too, with
+# per-program outputs as wide as a held 256 (half) or 3xTF32's own at 512 (TF32, which shares the
+# float32 tile lists). Head dim -> (SPLIT, R_CHUNK), as TF32X3_CHUNKED. The 512 tile lists were
+# searched by compiling for sm_80 and sm_90 under Triton 3.6 and 3.8 at 256 and 49 tokens,
+# token-major and transposed: the chunked loops keep more in shared memory, which ruled out most
+# tiles of two or more stages on A100 (163 KiB).
+HOLD = {"fwd": 256, "dkdv": 256, "dq": 256}
+CHUNKED = {
+    "half": {"fwd": {512: (2, 128)}, "dkdv": {512: (2, 64)}, "dq": {512: (2, 64)}},
+    "tf32": TF32X3_CHUNKED,
+}
 
 
 def _precision(dtype: torch.dtype) -> tuple[bool, str]:
@@ -224,13 +257,18 @@ def _precision(dtype: torch.dtype) -> tuple[bool, str]:
 
 def _split(precision: str, block_d: int, block_dv: int, kernel: str) -> dict:
     """SPLIT, D_CHUNK, DV_CHUNK (the head dims of one program's outputs) and R_CHUNK (0: the head
-    dim held whole) for `kernel` ("fwd" or "bwd"): 3xTF32 past TF32X3_HOLD runs chunked
-    (TF32X3_CHUNKED; output chunks of at least 16, tl.dot's least K, a chunk past a short head
-    dim masked out); everything else holds its tiles whole."""
+    dim held whole) for `kernel` ("fwd", "dkdv" or "dq"): 3xTF32 past TF32X3_HOLD runs chunked
+    (TF32X3_CHUNKED), half precision and TF32 past HOLD (CHUNKED); output chunks of at least 16,
+    tl.dot's least K, a chunk past a short head dim masked out. Everything else holds its tiles
+    whole."""
     block = max(block_d, block_dv)
-    if precision != "tf32x3" or block <= TF32X3_HOLD[kernel]:
+    if precision == "tf32x3":
+        hold, chunked = TF32X3_HOLD, TF32X3_CHUNKED
+    else:
+        hold, chunked = HOLD, CHUNKED["tf32" if precision == "tf32" else "half"]
+    if block <= hold[kernel]:
         return dict(SPLIT=1, D_CHUNK=block_d, DV_CHUNK=block_dv, R_CHUNK=0)
-    split, r_chunk = TF32X3_CHUNKED[kernel][block]
+    split, r_chunk = chunked[kernel][block]
     return dict(SPLIT=split, D_CHUNK=max(16, block_d // split), DV_CHUNK=max(16, block_dv // split), R_CHUNK=r_chunk)
 
 

@@ -134,7 +134,32 @@ def test_chunked_head_dims(monkeypatch, d, dv, L, layout):
     v = qkv(2, 1, L, dv, torch.float32, layout)[0]
     check(q, k, v, torch.randn(2, 1, L, dv), torch.float32)
     used = {kernel: (meta["SPLIT"], meta["R_CHUNK"] > 0) for kernel, meta in launched}
-    assert used == {"fwd": (2, True) if d > 128 else (1, False), "bwd": (2 if d > 128 else 1, True)}, launched
+    bwd = (2 if d > 128 else 1, True)
+    assert used == {"fwd": (2, True) if d > 128 else (1, False), "dkdv": bwd, "dq": bwd}, launched
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_head_dim_512_runs_chunked_in_every_dtype(monkeypatch, dtype):
+    """One head of 512 channels (the google/ddpm-*-256 checkpoints' 16x16 attention): past
+    HOLD every precision runs chunked, the outputs' head dim split over programs (half: 2 of
+    256; float32: 4 of 128 forward, 8 of 64 backward), forward and backward, at an odd token count with the U-Net's
+    token-major layout."""
+    import importlib
+
+    attention_module = importlib.import_module("ddpm_fast.kernels.attention")
+    plan_module = importlib.import_module("ddpm_fast.kernels.attention_plan")
+    for module, cache in ((plan_module, "_FWD_PLANS"), (attention_module, "_CALLS")):
+        monkeypatch.setattr(module, cache, type(getattr(module, cache))())
+    launched = []
+    split = plan_module._split
+    for module in (plan_module, attention_module):
+        monkeypatch.setattr(module, "_split", lambda *a: launched.append((a[-1], split(*a))) or launched[-1][1])
+    q, k, v = qkv(1, 1, 21, 512, dtype, "token_major")
+    check(q, k, v, torch.randn(1, 1, 21, 512), dtype)
+    used = {kernel: (meta["SPLIT"], meta["R_CHUNK"] > 0) for kernel, meta in launched}
+    half = dtype != torch.float32
+    bwd = (2 if half else 8, True)
+    assert used == {"fwd": (2 if half else 4, True), "dkdv": bwd, "dq": bwd}, launched
 
 
 def test_value_dim_and_scale_can_differ():
@@ -195,8 +220,8 @@ def test_bad_inputs_are_named():
         kernels.attention(q, q.half(), q)
     with pytest.raises(ValueError, match="^q must have 4 dimensions"):
         kernels.attention(q[0], q[0], q[0])
-    big = torch.randn(1, 1, 8, 300)
-    with pytest.raises(ValueError, match="^q's head dim must be in \\[1, 256\\], got 300"):
+    big = torch.randn(1, 1, 8, 600)
+    with pytest.raises(ValueError, match="^q's head dim must be in \\[1, 512\\], got 600"):
         kernels.attention(big, big, big)
 
 
@@ -214,7 +239,7 @@ def _mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a_lo @ b_hi + a_hi @ b_lo + a_hi @ b_hi
 
 
-@pytest.mark.parametrize("d", [32, 64, 128, 256])
+@pytest.mark.parametrize("d", [32, 64, 128, 256, 512])
 def test_3xtf32_dots_hold_float32_accuracy(d):
     """The part of float32 attention the interpreter cannot run (its dots are IEEE whatever the
     precision): on a GPU with TF32 off, float32 attention multiplies as 3xTF32, q k^T summed over

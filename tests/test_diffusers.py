@@ -252,6 +252,8 @@ def test_an_exported_pipeline_folder_is_diffusers_own_with_the_runs_schedule(tmp
 FUSE_CONFIGS = {
     "one head": SMALL,  # attention_head_dim None: one head of the block's width (the paper's)
     "heads of 8": {**SMALL, "attention_head_dim": 8, "norm_num_groups": 8, "norm_eps": 1e-5},
+    # one head of 512 at 4x4: the google/ddpm-*-256 checkpoints' 16x16 attention (chunked kernels)
+    "one head of 512": {**SMALL, "block_out_channels": [16, 512]},
 }  # fmt: skip
 
 
@@ -294,6 +296,31 @@ def test_fuse_runs_a_unet2dmodel_on_the_kernels_forward_and_backward(name, monke
     calls.clear()
     with torch.no_grad():
         assert torch.equal(fused(x, t).sample, model(x, t).sample) and not calls
+
+
+def test_fuse_covers_every_module_of_the_256_pixel_checkpoints():
+    """google/ddpm-celebahq-256, -church-256, -bedroom-256 and -cat-256 share this UNet2DModel
+    config: its attention at 16x16 is one head of 512 channels (attention_head_dim None). Every
+    ResnetBlock2D and Attention is fused, none left on diffusers' path (no warning). Built on the
+    meta device: only the modules' configuration is read."""
+    import warnings
+
+    from diffusers.models.attention_processor import Attention
+    from diffusers.models.resnet import ResnetBlock2D
+
+    import ddpm_fast
+
+    config = {**PAPER_CONFIG, "sample_size": 256, "block_out_channels": [128, 128, 256, 256, 512, 512],
+              "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+              "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4}  # fmt: skip
+    with torch.device("meta"):
+        model = UNet2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    heads = {m.inner_dim // m.heads for m in model.modules() if isinstance(m, Attention)}
+    assert heads == {512}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fused = ddpm_fast.fuse(model)
+    assert fused == sum(isinstance(m, (ResnetBlock2D, Attention)) for m in model.modules()) == 38
 
 
 def test_fuse_leaves_what_it_does_not_cover_on_diffusers_path_and_says_how_many():

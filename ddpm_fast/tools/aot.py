@@ -464,11 +464,12 @@ def _launch_group_norm_silu(dtype):
 
 
 def _launch_attention(dtype):
-    """Forward and backward at head dims 32 to 256 (the paper's U-Net: 256 tokens of 256
-    channels, one head), token-major (head dim contiguous, the U-Net's) and transposed (tokens
-    contiguous: float32 at every head dim, half at 256); float32 both in IEEE and, as torch's
-    matmul precision (fp32_precision, or the legacy allow_tf32) allows, in TF32. At 256 tokens, and at 49 (a 7x7 map),
-    whose last tiles are masked."""
+    """Forward and backward at head dims 32 to 512 (the paper's U-Net: 256 tokens of 256
+    channels, one head; the 256-pixel google/ddpm-* checkpoints: one head of 512), token-major
+    (head dim contiguous, the U-Net's) and transposed (tokens contiguous: float32 at every head
+    dim, half at 256); float32 both in IEEE and, as torch's matmul precision (fp32_precision, or
+    the legacy allow_tf32) allows, in TF32. At 256 tokens, and at 49 (a 7x7 map), whose last
+    tiles are masked."""
     import torch
 
     from ddpm_fast import kernels
@@ -483,7 +484,7 @@ def _launch_attention(dtype):
                 matmul.fp32_precision = "tf32" if allow else "ieee"
             else:
                 matmul.allow_tf32 = allow
-            for d, tokens in itertools.product((32, 64, 128, 256), (256, 49)):
+            for d, tokens in itertools.product((32, 64, 128, 256, 512), (256, 49)):
                 token_major = torch.empty(2, tokens, 3 * d, dtype=dtype)[..., :d].unsqueeze(1)
                 transposed = torch.empty(2, 1, d, tokens, dtype=dtype).transpose(-1, -2)
                 # the transposed layout where a user may bring it: float32 at every size, half at the U-Net's d
