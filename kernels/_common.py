@@ -327,25 +327,25 @@ class Plans:
     MAX = 1024
 
     def __init__(self):
-        self._plans: dict = {}
-        # find(key): the entry for key, or None (a hot caller builds on a miss itself: no closure
-        # per call); the dict's own bound get, so a lookup costs no Python frame
-        self.find = self._plans.get
+        # key -> entry; a hot caller looks up `entries.get(key)` itself (no Python frame, no closure
+        # per call) and builds on a miss (add). Not a bound `get` kept on the object: torch 2.11's
+        # dynamo refuses to trace that (a graph break under torch.compile), and traces this.
+        self.entries: dict = {}
         _ALL_PLANS.append(self)
 
     def clear(self) -> None:
-        self._plans.clear()
+        self.entries.clear()
 
     def get(self, key, build):
-        plan = self._plans.get(key)
+        plan = self.entries.get(key)
         if plan is None:
             plan = self.add(key, build())
         return plan
 
     def add(self, key, plan):
-        if len(self._plans) >= self.MAX:
-            self._plans.clear()
-        self._plans[key] = plan
+        if len(self.entries) >= self.MAX:
+            self.entries.clear()
+        self.entries[key] = plan
         return plan
 
 

@@ -228,7 +228,7 @@ def attention(q, k, v, scale=None):
     # (meta_key written out: a call per tensor costs ~2% of the call)
     key = (q.shape, q.stride(), q.dtype, q.device, k.shape, k.stride(), k.dtype, k.device, v.shape, v.stride(), v.dtype,
            v.device, type(scale), scale)  # fmt: skip
-    call = _CALLS.find(key)
+    call = _CALLS.entries.get(key)
     if call is None:  # checks on a miss only
         call = _CALLS.add(key, _Call(q, k, v, scale))
     if direct_launch(q, k, v):  # eager, no gradient: the launcher itself

@@ -187,7 +187,7 @@ def ddim_step(
     key = (meta_key(x_t), meta_key(model_output), meta_key(t), meta_key(t_prev), meta_key(noise),
            id(alphas_cumprod), type(eta), eta, prediction_type, clip_denoised, use_clipped_model_output,
            noise_source)  # fmt: skip
-    call = _CALLS.find(key)
+    call = _CALLS.entries.get(key)
     if call is None:  # checks on a miss only (the key names the buffer by identity: the call holds it)
         checks.check_ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type, False)
         checks.check_noise_source(noise_source)

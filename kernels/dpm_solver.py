@@ -124,7 +124,7 @@ def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoise
     key = (x_t.shape, x_t.stride(), x_t.dtype, x_t.device, model_output.shape, model_output.stride(),
            model_output.dtype, model_output.device, meta_key(x0_prev), step.shape, step.stride(), step.dtype,
            step.device, meta_key(coefficients), clip_denoised)  # fmt: skip
-    call = _CALLS.find(key)
+    call = _CALLS.entries.get(key)
     if call is None:  # checks on a miss only
         call = _CALLS.add(key, _Call(x_t, model_output, x0_prev, step, coefficients, clip_denoised))
     if check_step:  # the value check: one host sync

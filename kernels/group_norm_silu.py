@@ -236,7 +236,7 @@ def _group_norm(x, num_groups, weight, bias, eps, add, silu):
     # (meta_key written out for x: a call per tensor costs ~2% of the call)
     key = (x.shape, x.stride(), x.dtype, x.device, meta_key(add), meta_key(weight), meta_key(bias), type(num_groups),
            num_groups, type(eps), eps)  # fmt: skip
-    call = _CALLS.find(key)
+    call = _CALLS.entries.get(key)
     if call is None:  # checks on a miss only
         call = _CALLS.add(key, _Call(x, num_groups, weight, bias, add, eps))
     w = weight if weight is not None else call.weight

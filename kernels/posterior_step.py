@@ -348,7 +348,7 @@ def posterior_step(
            model_output.dtype, model_output.device, t.shape, t.stride(), t.dtype, t.device, meta_key(noise),
            id(sqrt_recip_alphas_cumprod), prediction_type, clip_denoised, noise_source,
            meta_key(model_variance))  # fmt: skip
-    call = _CALLS.find(key)
+    call = _CALLS.entries.get(key)
     held = call.held if call is not None else None
     if held is None or not (held[1] is sqrt_recipm1_alphas_cumprod and held[2] is posterior_mean_coef1
                             and held[3] is posterior_mean_coef2 and held[4] is posterior_log_variance
