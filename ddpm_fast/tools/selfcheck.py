@@ -4,7 +4,8 @@
    kernel path.
 2. Every fused op against its eager twin computed in float64, at the paper U-Net's shapes
    (every GroupNorm of the U-Net, 32x32 down to 4x4; attention at 16x16 in the layout the
-   U-Net passes), in float32, float16 and bfloat16, output and every gradient. A row passes
+   U-Net passes, and one head of 512 as in the 256-pixel google/ddpm-* checkpoints), in float32,
+   float16 and bfloat16, output and every gradient. A row passes
    when the fused result is within the tolerance table of the float64 one, or no further from
    it than four times the eager twin in the same dtype is (near t = 0 the reverse steps are
    ill-conditioned and float32 itself strays). The report shows both errors.
@@ -174,6 +175,14 @@ def _cases(device: torch.device, dtypes, small: bool) -> list[Case]:
             "attention fwd+bwd", f"({B}, 1, {L}, {d}) U-Net layout", dtype, kernels.attention, reference.attention,
             tuple(u.unsqueeze(1) for u in qkv.chunk(3, dim=-1)), randn(B, 1, L, d), (0, 1, 2),
             names=("out", "dq", "dk", "dv"),
+        ))  # fmt: skip
+        # one head of 512 (the google/ddpm-*-256 checkpoints' 16x16 attention): chunked in every precision
+        B3, L3, d3 = (1, 16, 512) if small else (4, 256, 512)
+        qkv3 = randn(B3, L3, 3 * d3, dtype=dtype)
+        cases.append(_case(
+            "attention fwd+bwd, head dim 512", f"({B3}, 1, {L3}, {d3}) token-major", dtype, kernels.attention,
+            reference.attention, tuple(u.unsqueeze(1) for u in qkv3.chunk(3, dim=-1)), randn(B3, 1, L3, d3),
+            (0, 1, 2), names=("out", "dq", "dk", "dv"),
         ))  # fmt: skip
         # float32 with TF32 off runs as 3xTF32 on tensor cores: the case above with its head dim split over
         # programs (chunks of 128 forward, 64 backward), this one at a head dim held whole
