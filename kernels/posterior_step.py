@@ -352,7 +352,8 @@ def posterior_step(
     held = call.held if call is not None else None
     if held is None or not (held[1] is sqrt_recipm1_alphas_cumprod and held[2] is posterior_mean_coef1
                             and held[3] is posterior_mean_coef2 and held[4] is posterior_log_variance
-                            and (model_variance is None or held[5] is max_log_variance)):  # fmt: skip
+                            and (max_log_variance is None if model_variance is None
+                                 else held[5] is max_log_variance)):  # fmt: skip
         # a miss: the checks, and a call for these buffers (in the entry's place)
         buffers = (sqrt_recip_alphas_cumprod, sqrt_recipm1_alphas_cumprod, posterior_mean_coef1,
                    posterior_mean_coef2, posterior_log_variance)  # fmt: skip

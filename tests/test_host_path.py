@@ -106,6 +106,8 @@ def test_bad_input_is_refused_on_every_call():
         for _ in range(2):  # the value check is per call, cached plan or not
             with pytest.raises(ValueError, match="t"):
                 kernels.posterior_step(x, x, torch.tensor([1, 10]), x, *step)
+            with pytest.raises(ValueError, match="go together"):  # the same key, one argument more
+                kernels.posterior_step(x, x, torch.tensor([1, 2]), x, *step, max_log_variance=bufs["log_betas"])
 
 
 def test_cached_launch_arguments_follow_every_option():
