@@ -108,10 +108,10 @@ def attention_fwd(q, k, v, scale, plan=None, lse=None):
         lse = q.new_empty(plan.lse_size, dtype=torch.float32)
     if plan.empty:
         return o, lse
-    constexprs, grid = plan.launch(_precision(plan.dtype))
+    constexprs, grid, chunked = plan.launch(_precision(plan.dtype))
     with _common.launch_device(plan.device):  # the tensors' GPU current (multi-GPU)
         if _common.INTERPRET:  # the interpreter's one tile, looked up here: plans are shared with GPU launches
-            cfg = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv), constexprs[5] > 0)
+            cfg = _fixed(FWD_CONFIGS, plan.dtype, max(plan.block_d, plan.block_dv), chunked)
             _attn_fwd[grid(cfg)](q, k, v, o, lse, *plan.ints, scale * LOG2E, *constexprs, **cfg)
         else:
             _attn_fwd_tuned[grid](q, k, v, o, lse, *plan.ints, scale * LOG2E, *constexprs)

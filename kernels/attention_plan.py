@@ -303,12 +303,13 @@ class _FwdPlan:
         self.block_d, self.block_dv = _block_d(D), _block_d(DV)
         self.programs, self.L = B * H, L
         self.dtype = q.dtype
-        self.launches = {}  # precision -> (constexprs, grid)
+        self.launches = {}  # precision -> (constexprs, grid, chunked)
 
     def launch(self, precision):
         """The forward launch's constexprs before its tile, in the kernel's order (BLOCK_D,
-        BLOCK_DV, SPLIT, D_CHUNK, DV_CHUNK, R_CHUNK, DOT_F32, PRECISION), and its grid, at
-        `precision` ((DOT_F32, PRECISION): TF32 may be switched between calls)."""
+        BLOCK_DV, SPLIT, D_CHUNK, DV_CHUNK, R_CHUNK, DOT_F32, PRECISION), its grid, and whether it
+        runs chunked (R_CHUNK > 0: the tile tables' key), at `precision` ((DOT_F32, PRECISION):
+        TF32 may be switched between calls)."""
         found = self.launches.get(precision)
         if found is None:
             dot_f32, prec = precision
@@ -316,7 +317,8 @@ class _FwdPlan:
             constexprs = (self.block_d, self.block_dv, split["SPLIT"], split["D_CHUNK"], split["DV_CHUNK"],
                           split["R_CHUNK"], dot_f32, prec)  # fmt: skip
             programs, L, n = self.programs, self.L, split["SPLIT"]
-            found = self.launches[precision] = (constexprs, lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]) * n,))
+            grid = lambda cfg: (programs * cdiv(L, cfg["BLOCK_M"]) * n,)  # noqa: E731
+            found = self.launches[precision] = (constexprs, grid, split["R_CHUNK"] > 0)
         return found
 
 

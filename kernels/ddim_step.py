@@ -35,6 +35,7 @@ from ddpm_fast import checks, reference
 from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import (
     Plans,
+    _grad_enabled,
     direct_launch,
     elementwise_out,
     interpreter_on,
@@ -51,7 +52,7 @@ from ddpm_fast.kernels.posterior_step import (
     _noise_or_seed,
     _plan,
     _predict_x0,
-    _wants_grad,
+    _requires_grad,
 )
 
 
@@ -180,7 +181,7 @@ def ddim_step(
     check_t=True,
 ):
     """Fused twin of ddpm_fast.reference.ddim_step (same signature)."""
-    if _wants_grad(x_t, model_output):
+    if _grad_enabled() and _requires_grad(x_t, model_output):
         return reference.ddim_step(x_t, model_output, t, t_prev, noise, alphas_cumprod, eta, prediction_type,
                                    clip_denoised, generator, use_clipped_model_output, noise_source,
                                    check_t)  # fmt: skip
@@ -206,7 +207,7 @@ def ddim_step(
     (abar,) = call.ready if call.ready is not None else call.buffers()
     if direct_launch(x_t, model_output, t, t_prev, noise):
         drawn = given is None and noise is not None
-        plan, tail = call.launches[drawn] or call.launch_for(x_t, model_output, given, noise)
+        plan, tail = call.launches[drawn] or call.launch_for(drawn, x_t, model_output, noise)
         return ddim_step_fwd(x_t, model_output, t, t_prev, noise, seed, abar, eta, prediction_type, clip_denoised,
                              use_clipped_model_output, plan, tail)  # fmt: skip
     return ddim_step_op(x_t, model_output, t, t_prev, noise, seed, abar, float(eta), prediction_type,

@@ -29,7 +29,7 @@ from ddpm_fast import checks, reference
 from ddpm_fast.kernels import _common
 from ddpm_fast.kernels._common import Plans, _grad_enabled, direct_launch, elementwise_out, meta_key, use_triton
 from ddpm_fast.kernels._elementwise import clamped_index, sample_block
-from ddpm_fast.kernels.posterior_step import _clip, _plan, _wants_grad
+from ddpm_fast.kernels.posterior_step import _clip, _plan, _requires_grad
 
 
 @triton.jit
@@ -118,7 +118,7 @@ _CALLS = Plans()
 
 def dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised=False, check_step=True):
     """Fused twin of ddpm_fast.reference.dpm_solver_step (same signature)."""
-    if _grad_enabled() and _wants_grad(x_t, model_output, x0_prev):
+    if _grad_enabled() and _requires_grad(x_t, model_output, x0_prev):
         return reference.dpm_solver_step(x_t, model_output, x0_prev, step, coefficients, clip_denoised, check_step)
     # (meta_key written out for the tensors always given: a call per tensor costs ~2% of the call)
     key = (x_t.shape, x_t.stride(), x_t.dtype, x_t.device, model_output.shape, model_output.stride(),

@@ -171,14 +171,13 @@ class _StepPlan:
         self.blocks_per_row = cdiv(N, self.block)
         self.grid = (B * self.blocks_per_row,)
         self.ints = (N, self.blocks_per_row)
-        self.strides, self.extra_strides = tuple(strides[:6]), tuple(strides[6:])  # (x_t, out, noise); extra
-        self.all_strides = self.strides + self.extra_strides
+        self.all_strides = tuple(strides)  # x_t, out, noise, extra: (stride_b, stride_n) each
+        self.strides = self.all_strides[:6]  # the three a step without an extra tensor reads
         self.copies = any(self.copy)
 
     def rows(self, x_t, model_output, noise, extra=None):
-        """The tensors as the kernel reads them: themselves, or (B, N) copies."""
-        if not self.copies:
-            return x_t, model_output, noise, extra
+        """The tensors as the kernel reads them: themselves, or (B, N) copies (called where
+        `copies`)."""
         out = []
         for x, copy in zip((x_t, model_output, noise, extra), self.copy):
             out.append(as_rows(x, self.order) if copy and x is not None else x)
@@ -262,10 +261,10 @@ def _(x_t, model_output, t, noise, seed, *buffers_and_options):
 # -- the functional entry points ----------------------------------------------------------------------
 
 
-def _wants_grad(*tensors) -> bool:
-    """Whether autograd wants a gradient from a call on these tensors (None for an absent one)."""
-    if not torch.is_grad_enabled():
-        return False
+def _requires_grad(*tensors) -> bool:
+    """Whether any of these tensors requires a gradient (None for an absent one): with grad mode
+    on (_grad_enabled, read first by the caller: the common no-grad call costs no frame), autograd
+    wants one from the call."""
     return any(x is not None and x.requires_grad for x in tensors)
 
 
@@ -301,15 +300,13 @@ class _Call:
     def buffers(self):
         return self.ready if self.ready is not None else tuple(b.float().contiguous() for b in self.held)
 
-    def launch_for(self, x_t, model_output, given, noise, extra=None) -> tuple:
-        """(plan, tail) for this call's noise: the key's (given, or none at all: Philox), or the
-        drawn one's (torch.randn of x_t's shape, always laid out alike)."""
-        drawn = given is None and noise is not None
-        launch = self.launches[drawn]
-        if launch is None:
-            plan = _plan(x_t, model_output, noise, extra) if drawn else self.plan
-            launch = self.launches[drawn] = plan, self.tail(plan, noise is not None)
-        return launch  # (a hot caller reads launches[drawn] itself and calls this on None only)
+    def launch_for(self, drawn, x_t, model_output, noise, extra=None) -> tuple:
+        """(plan, tail) for this call's noise: the key's (given, or none at all: Philox), or, where
+        `drawn`, the drawn one's (torch.randn of x_t's shape, always laid out alike). Built once
+        into launches[drawn], which a hot caller reads itself, calling this on None only."""
+        plan = _plan(x_t, model_output, noise, extra) if drawn else self.plan
+        launch = self.launches[drawn] = plan, self.tail(plan, noise is not None)
+        return launch
 
 
 _CALLS = Plans()
@@ -334,7 +331,7 @@ def posterior_step(
     max_log_variance=None,
 ):
     """Fused twin of ddpm_fast.reference.posterior_step (same signature)."""
-    if _grad_enabled() and _wants_grad(x_t, model_output, model_variance):
+    if _grad_enabled() and _requires_grad(x_t, model_output, model_variance):
         return reference.posterior_step(x_t, model_output, t, noise, sqrt_recip_alphas_cumprod,
                                         sqrt_recipm1_alphas_cumprod, posterior_mean_coef1, posterior_mean_coef2,
                                         posterior_log_variance, prediction_type, clip_denoised, generator,
@@ -375,7 +372,7 @@ def posterior_step(
         buffers, max_log_variance = buffers[:5], buffers[5]
     if direct_launch(x_t, model_output, t, noise, model_variance):
         drawn = given is None and noise is not None
-        plan, tail = call.launches[drawn] or call.launch_for(x_t, model_output, given, noise, model_variance)
+        plan, tail = call.launches[drawn] or call.launch_for(drawn, x_t, model_output, noise, model_variance)
         return posterior_step_fwd(x_t, model_output, t, noise, seed, buffers, prediction_type, clip_denoised, plan,
                                   model_variance, max_log_variance, tail)  # fmt: skip
     return posterior_step_op(x_t, model_output, t, noise, seed, *buffers, prediction_type, bool(clip_denoised),
